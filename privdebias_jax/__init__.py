@@ -1,0 +1,1 @@
+"""privdebias_jax."""

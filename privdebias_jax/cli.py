@@ -1,0 +1,156 @@
+"""The ``privdebias`` command line.
+
+Subcommands (later capabilities add their own with :func:`build_parser`):
+
+* ``privdebias train --dataset {colored-mnist,biased-mnist,adult} --out DIR`` trains a vanilla
+  model and writes ``DIR/results.json`` and the saved model ``DIR/model``.
+* ``privdebias run [--quick] [--out DIR]`` is the main job on the embedded data
+  (see :mod:`privdebias_jax.run`).
+
+Bad input (unknown dataset, ρ outside [0, 1], missing Adult files, ...) ends with a one-line
+``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from privdebias_jax.types import PrivDebiasError
+
+TRAIN_DATASETS = ("colored-mnist", "biased-mnist", "adult")
+
+
+def _rho(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rho must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"rho must be in [0, 1], got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_training_options(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    """Options shared by every command that trains a model (they override ``get_config``)."""
+    p.add_argument("--dataset", choices=TRAIN_DATASETS, required=dataset_required,
+                   default=None if dataset_required else "biased-mnist")
+    p.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
+                   help="cpu: small fast defaults; paper: the papers' model sizes (GPU/TPU)")
+    p.add_argument("--rho", type=_rho, help="P(colour = digit) for the MNIST variants, in [0, 1]")
+    p.add_argument("--epochs", type=_non_negative_int)
+    p.add_argument("--model", help="model registry name (mlp, tabular_mlp, small_cnn, simple_conv, resnet)")
+    p.add_argument("--image-size", type=_positive_int, help="side of the MNIST images (28 native)")
+    p.add_argument("--train-size", type=_positive_int, help="cap on the number of training images")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", help="directory with adult.data and adult.test (Adult only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace):
+    """``get_config(dataset, preset)`` with the command-line overrides applied."""
+    from privdebias_jax.config import get_config
+
+    config = get_config(args.dataset, args.preset)
+    overrides = {
+        "rho": args.rho,
+        "epochs": args.epochs,
+        "model": args.model,
+        "image_size": args.image_size,
+        "train_size": args.train_size,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "data_dir": args.data_dir,
+    }
+    for field, value in overrides.items():
+        if value is not None:
+            config[field] = value
+    return config
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from privdebias_jax.pipeline import train_and_evaluate
+    from privdebias_jax.report import write_json
+
+    config = config_from_args(args)
+    out = Path(args.out)
+    trained = train_and_evaluate(config, out, progress=not args.no_progress, resume=args.resume)
+    path = write_json(out / "results.json", trained.results)
+    keys = ("acc_biased", "acc_unbiased", "acc", "counterfactual_bias", "kl_bias", "dp_diff", "eo_diff", "train_seconds")
+    summary = {k: round(trained.results[k], 4) for k in keys if trained.results.get(k) is not None}
+    print(json.dumps(summary))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from privdebias_jax.run import run_main_job
+
+    config = config_from_args(args)
+    run_main_job(config, Path(args.out), quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``privdebias`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="privdebias",
+        description="Fair and private models in JAX: measure bias and leakage, debias, unlearn, audit.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a vanilla model and write DIR/results.json")
+    add_training_options(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/train_ckpt")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("run", help="the main job on the embedded data: results.json, report.md, figures")
+    add_training_options(p, dataset_required=False)
+    p.add_argument("--out", default="results/run", help="output directory (default results/run)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``privdebias`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PrivDebiasError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Metrics: group fairness (accuracy by group, DP, EO), FMD counterfactual bias, KL / MI bias.
+
+See :mod:`privdebias_jax.metrics.fairness` for the formulas and the conventions on empty
+groups and validation.
+"""
+
+from privdebias_jax.metrics.fairness import (
+    accuracy,
+    accuracy_from_counts,
+    aligned_conflicting_accuracy_from_counts,
+    attribute_counts,
+    attribute_distribution,
+    cell_accuracy_from_counts,
+    class_accuracy_from_counts,
+    confusion_counts,
+    counterfactual_bias,
+    counterfactual_bias_from_logits,
+    counterfactual_bias_per_sample,
+    demographic_parity_difference,
+    demographic_parity_difference_from_counts,
+    equalized_odds_difference,
+    equalized_odds_difference_from_counts,
+    fairness_report,
+    fairness_report_from_counts,
+    group_accuracy,
+    group_accuracy_from_counts,
+    kl_bias,
+    kl_bias_from_counts,
+    kl_bias_per_class,
+    kl_bias_per_class_from_counts,
+    mutual_information_bias,
+    worst_group_accuracy_from_counts,
+)
+
+__all__ = [
+    "confusion_counts",
+    "accuracy_from_counts",
+    "group_accuracy_from_counts",
+    "worst_group_accuracy_from_counts",
+    "class_accuracy_from_counts",
+    "cell_accuracy_from_counts",
+    "aligned_conflicting_accuracy_from_counts",
+    "demographic_parity_difference_from_counts",
+    "equalized_odds_difference_from_counts",
+    "accuracy",
+    "group_accuracy",
+    "demographic_parity_difference",
+    "equalized_odds_difference",
+    "fairness_report",
+    "fairness_report_from_counts",
+    "counterfactual_bias",
+    "counterfactual_bias_per_sample",
+    "counterfactual_bias_from_logits",
+    "attribute_counts",
+    "attribute_distribution",
+    "kl_bias_per_class",
+    "kl_bias",
+    "kl_bias_per_class_from_counts",
+    "kl_bias_from_counts",
+    "mutual_information_bias",
+]

@@ -1,0 +1,74 @@
+"""Flax linen models that return ``(logits, features)`` so the bottleneck is visible.
+
+``create_model(name, num_classes, **overrides)`` builds one by name; every model's last
+linear layer is called ``head``.
+
+| name          | module   | defaults                                                      |
+|---------------|----------|---------------------------------------------------------------|
+| ``mlp``       | MLP      | hidden (100, 100, 100): FMD's Colored-MNIST network            |
+| ``tabular_mlp``| MLP     | hidden (64, 32): Adult                                         |
+| ``simple_conv``| ConvNet | Bahng et al.'s SimpleConvNet: kernel 7, 16-32-64-128, BN      |
+| ``small_cnn`` | ConvNet  | CPU default: kernel 3, 16-32-64-128, strides 1-2-2-2, no norm |
+| ``resnet``    | ResNet   | ResNet-8 (1, 1, 1) × (16, 32, 64), group norm                 |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from privdebias_jax.models.cnn import ConvNet
+from privdebias_jax.models.mlp import MLP
+from privdebias_jax.models.resnet import ResNet
+from privdebias_jax.types import ModelState, Params, PRNGKey, PrivDebiasError
+
+MODEL_DEFAULTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "mlp": (MLP, {"hidden": (100, 100, 100)}),
+    "tabular_mlp": (MLP, {"hidden": (64, 32)}),
+    "simple_conv": (ConvNet, {"widths": (16, 32, 64, 128), "kernel_size": 7, "strides": (1, 1, 1, 1), "norm": "batch"}),
+    "small_cnn": (ConvNet, {"widths": (16, 32, 64, 128), "kernel_size": 3, "strides": (1, 2, 2, 2), "norm": "none"}),
+    "resnet": (ResNet, {"stage_sizes": (1, 1, 1), "widths": (16, 32, 64), "norm": "group"}),
+}
+
+
+def create_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
+    """Build a model by name with its defaults, overridden by keyword arguments.
+
+    Raises:
+      PrivDebiasError: for an unknown name, a bad field name or ``num_classes < 1``.
+    """
+    if name not in MODEL_DEFAULTS:
+        raise PrivDebiasError(f"unknown model {name!r}; known models: {', '.join(MODEL_DEFAULTS)}")
+    if int(num_classes) < 1:
+        raise PrivDebiasError(f"num_classes must be positive, got {num_classes}")
+    cls, defaults = MODEL_DEFAULTS[name]
+    fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise PrivDebiasError(f"model {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields - {'num_classes'})}")
+    kwargs = {**defaults, **overrides}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return cls(num_classes=int(num_classes), **kwargs)
+
+
+def init_model(model: nn.Module, key: PRNGKey, input_shape: tuple[int, ...]) -> tuple[Params, ModelState]:
+    """Initialise ``model`` on a dummy batch of shape ``(1, *input_shape)``.
+
+    Returns ``(params, model_state)`` where ``model_state`` holds the non-parameter
+    collections (``batch_stats`` for batch norm), ``{}`` when there are none.
+    """
+    variables = model.init({"params": key, "dropout": key}, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    variables = dict(variables)
+    params = variables.pop("params")
+    return params, variables
+
+
+def count_params(params: Params) -> int:
+    """Number of scalar parameters in a pytree."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+__all__ = ["MLP", "ConvNet", "ResNet", "MODEL_DEFAULTS", "create_model", "init_model", "count_params"]

@@ -1,0 +1,64 @@
+"""Convolutional networks returning ``(logits, features)``.
+
+``ConvNet`` is the Biased-MNIST ``SimpleConvNet`` of Bahng et al. (ICML 2020, "Learning
+De-biased Representations with Biased Representations"): 4 conv layers, kernel 7, widths
+16-32-64-128, batch norm, ReLU, global average pooling, a linear head. Kernel, widths,
+strides and normalisation are configurable: the CPU default (``small_cnn``) uses kernel 3 and
+strides 1, 2, 2, 2 without batch norm, about 50× faster here (PLATFORM.md). ``features`` is
+the pooled vector before the head (the bottleneck).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def norm_layer(kind: str, name: str, train: bool) -> nn.Module | None:
+    """``batch`` (running statistics in the ``batch_stats`` collection), ``group``, ``layer`` or ``none``."""
+    if kind == "batch":
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+    if kind == "group":
+        return nn.GroupNorm(num_groups=None, group_size=8, name=name)
+    if kind == "layer":
+        return nn.LayerNorm(name=name)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown norm {kind!r}; expected batch, group, layer or none")
+
+
+class ConvNet(nn.Module):
+    """``[Conv(k×k, stride) → norm → ReLU] × len(widths) → global average pool → head``.
+
+    Attributes:
+      num_classes: output logits.
+      widths: channels per conv layer.
+      kernel_size: square kernel side (7 in Bahng et al.).
+      strides: stride per conv layer (same length as ``widths``).
+      norm: ``batch``, ``group``, ``layer`` or ``none``.
+    """
+
+    num_classes: int
+    widths: Sequence[int] = (16, 32, 64, 128)
+    kernel_size: int = 7
+    strides: Sequence[int] = (1, 1, 1, 1)
+    norm: str = "batch"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        if len(self.strides) != len(self.widths):
+            raise ValueError(f"strides {tuple(self.strides)} and widths {tuple(self.widths)} differ in length")
+        h = x
+        for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
+            h = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=(stride, stride),
+                        padding="SAME", use_bias=self.norm == "none", name=f"conv_{i}")(h)
+            layer = norm_layer(self.norm, f"norm_{i}", train)
+            if layer is not None:
+                h = layer(h)
+            h = nn.relu(h)
+        features = jnp.mean(h, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, name="head")(features)
+        return logits, features
