@@ -56,8 +56,9 @@ def _non_negative_int(text: str) -> int:
 
 def add_training_options(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     """Options shared by every command that trains a model (they override ``get_config``)."""
-    p.add_argument("--dataset", choices=TRAIN_DATASETS, required=dataset_required,
-                   default=None if dataset_required else "biased-mnist")
+    p.add_argument("--dataset", choices=TRAIN_DATASETS,
+                   help="dataset (required unless --config names one)" if dataset_required else "default biased-mnist")
+    p.add_argument("--config", help="an experiment file (experiments/*.py) whose get_config() gives the defaults")
     p.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
                    help="cpu: small fast defaults; paper: the papers' model sizes (GPU/TPU)")
     p.add_argument("--rho", type=_rho, help="P(colour = digit) for the MNIST variants, in [0, 1]")
@@ -75,9 +76,16 @@ def add_training_options(p: argparse.ArgumentParser, dataset_required: bool = Tr
 
 def config_from_args(args: argparse.Namespace):
     """``get_config(dataset, preset)`` with the command-line overrides applied."""
-    from privdebias_jax.config import get_config
+    from privdebias_jax.config import get_config, load_config_file
 
-    config = get_config(args.dataset, args.preset)
+    if args.config:
+        config = load_config_file(args.config)
+        if args.dataset and args.dataset != config.dataset:
+            config.dataset = args.dataset
+    elif args.dataset or not getattr(args, "dataset_required", True):
+        config = get_config(args.dataset or "biased-mnist", args.preset)
+    else:
+        raise PrivDebiasError("--dataset is required (or --config with an experiment file)")
     overrides = {
         "rho": args.rho,
         "epochs": args.epochs,
@@ -131,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_options(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_ckpt")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, dataset_required=True)
 
     p = sub.add_parser("run", help="the main job on the embedded data: results.json, report.md, figures")
     add_training_options(p, dataset_required=False)
     p.add_argument("--out", default="results/run", help="output directory (default results/run)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, dataset_required=False)
     return parser
 
 

@@ -59,4 +59,25 @@ def get_config(dataset: str = "biased-mnist", preset: str = "cpu") -> ml_collect
     return c
 
 
-__all__ = ["get_config", "MNIST_VARIANTS"]
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Load ``get_config()`` from a Python file (an experiment in ``experiments/``).
+
+    Raises:
+      PrivDebiasError: if the file is missing or defines no ``get_config``.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise PrivDebiasError(f"config file not found: {file}")
+    spec = importlib.util.spec_from_file_location(f"privdebias_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise PrivDebiasError(f"config file {file} defines no get_config()")
+    return module.get_config()
+
+
+__all__ = ["get_config", "load_config_file", "MNIST_VARIANTS"]

@@ -76,7 +76,7 @@ def run_main_job(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
-    say = print if progress else (lambda *a, **k: None)
+    say = print
 
     t = time.perf_counter()
     say(f"[1/3] data: {config.dataset} rho={config.rho} image_size={config.image_size}")
