@@ -67,10 +67,23 @@ def save_checkpoint(
         shutil.rmtree(Path(directory).expanduser().resolve() / str(step))
     tree = jax.tree_util.tree_map(np.asarray, tree)
     mngr = _manager(directory, max_to_keep)
-    mngr.save(step, args=ocp.args.StandardSave(tree))
+    saved = mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
     mngr.wait_until_finished()
     mngr.close()
+    if not saved:
+        raise PrivDebiasError(f"orbax did not write checkpoint step {step} in {directory}")
     return Path(directory).expanduser().resolve() / str(step)
+
+
+def clear_checkpoints(directory: str | os.PathLike) -> list[int]:
+    """Delete every saved step in ``directory`` (a fresh run reusing its folder); returns them."""
+    import shutil
+
+    steps = checkpoint_steps(directory)
+    root = Path(directory).expanduser().resolve()
+    for step in steps:
+        shutil.rmtree(root / str(step))
+    return steps
 
 
 def restore_checkpoint(directory: str | os.PathLike, target: Any, step: int | None = None) -> Any:
@@ -102,4 +115,4 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any, step: int | No
     return restored
 
 
-__all__ = ["checkpoint_steps", "latest_step", "save_checkpoint", "restore_checkpoint"]
+__all__ = ["clear_checkpoints", "checkpoint_steps", "latest_step", "save_checkpoint", "restore_checkpoint"]

@@ -94,20 +94,22 @@ def apply_model(
     *,
     train: bool = False,
     key: PRNGKey | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, ModelState]:
     """Run ``model`` and return ``(logits, features, new_model_state)``.
 
     In training mode the mutable collections (``batch_stats``) are updated; ``key`` feeds
-    dropout. In evaluation mode ``new_model_state`` is ``model_state``.
+    dropout; ``mask`` (``(B,)``, 1 = real sample) keeps padding rows out of batch-norm
+    statistics. In evaluation mode ``new_model_state`` is ``model_state``.
     """
     variables = {"params": params, **model_state}
     rngs = {"dropout": key} if key is not None else None
     if train and model_state:
         (logits, features), new_state = model.apply(
-            variables, x, train=True, rngs=rngs, mutable=list(model_state.keys())
+            variables, x, train=True, mask=mask, rngs=rngs, mutable=list(model_state.keys())
         )
         return logits, features, dict(new_state)
-    logits, features = model.apply(variables, x, train=train, rngs=rngs)
+    logits, features = model.apply(variables, x, train=train, mask=mask, rngs=rngs)
     return logits, features, model_state
 
 
@@ -164,7 +166,9 @@ def make_train_step(
     """
 
     def objective(params: Params, model_state: ModelState, batch: Batch, key: PRNGKey):
-        logits, features, new_state = apply_model(model, params, model_state, batch.x, train=True, key=key)
+        logits, features, new_state = apply_model(
+            model, params, model_state, batch.x, train=True, key=key, mask=batch.mask
+        )
         data = loss(logits, batch)
         reg = regularizer(params, batch, logits, features) if regularizer is not None else jnp.zeros(())
         return data + reg, (data, reg, logits, new_state)
@@ -254,10 +258,14 @@ def fit(
     time under one jit (the whole epoch when None; the last chunk is padded with empty
     batches, which do not change the state). With ``checkpoint_dir``, the state is saved after
     every epoch as checkpoint ``e + 1``; with ``resume`` an existing newest checkpoint is
-    restored and training continues from the epoch after it.
+    restored and training continues from the epoch after it; without ``resume`` existing
+    checkpoints in ``checkpoint_dir`` are deleted first (a fresh run). ``epochs = 0`` returns
+    ``state`` unchanged.
 
     Raises:
-      PrivDebiasError: for non-positive ``epochs`` or ``batch_size``, or an empty ``train_set``.
+      PrivDebiasError: for negative ``epochs``, non-positive ``batch_size``, an empty
+        ``train_set``, a checkpoint to resume from that is beyond ``epochs``, or a loss that
+        becomes NaN/inf.
     """
     if int(epochs) < 0:
         raise PrivDebiasError(f"epochs must be non-negative, got {epochs}")
@@ -268,7 +276,14 @@ def fit(
     start_epoch = 0
     if checkpoint_dir is not None and resume and ckpt.latest_step(checkpoint_dir) is not None:
         start_epoch = int(ckpt.latest_step(checkpoint_dir))
+        if start_epoch > int(epochs):
+            raise PrivDebiasError(
+                f"cannot resume: {checkpoint_dir} holds a checkpoint of epoch {start_epoch}, "
+                f"beyond the requested {epochs} epochs"
+            )
         state = ckpt.restore_checkpoint(checkpoint_dir, state, start_epoch)
+    elif checkpoint_dir is not None:
+        ckpt.clear_checkpoints(checkpoint_dir)  # a fresh run: never resume from an older one's state
     epoch_fn = jax.jit(make_epoch_fn(make_train_step(model, tx, loss=loss, regularizer=regularizer)))
     history: list[dict[str, float]] = []
     bar = None
@@ -388,6 +403,8 @@ def evaluate(
 
 
 def _batches_for_eval(ds: Dataset, batch_size: int):
+    if len(ds) == 0:
+        raise PrivDebiasError("evaluate: the dataset is empty")
     stacked = stack_batches(ds, min(int(batch_size), len(ds)))
     for i in range(stacked.mask.shape[0]):
         yield Batch(*(jnp.asarray(v[i]) for v in stacked))

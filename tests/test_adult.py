@@ -317,7 +317,10 @@ def test_fetch_writes_files(
     cache = tmp_path / "dl"
     s = load_adult(cache_dir=cache, download=True)
     assert sorted(p.name for p in cache.iterdir()) == ["adult.data", "adult.names", "adult.test"]
-    assert all(u.startswith("https://archive.ics.uci.edu/ml/machine-learning-databases/adult/") for u in requested)
+    assert all(
+        u.startswith("https://archive.ics.uci.edu/ml/machine-learning-databases/adult/")
+        for u in requested
+    )
     assert len(s.train) == len(adult_dir["train"])
     fetch_adult(cache)  # files present: nothing downloaded again
     assert len(requested) == 3

@@ -71,7 +71,9 @@ def test_dataset_is_a_pytree():
 
 
 def test_validate_mismatched_lengths_raises():
-    ds = Dataset(np.zeros((4, 3), np.float32), np.zeros(4, np.int32), np.zeros(3, np.int32), np.arange(4))
+    ds = Dataset(
+        np.zeros((4, 3), np.float32), np.zeros(4, np.int32), np.zeros(3, np.int32), np.arange(4)
+    )
     with pytest.raises(PrivDebiasError, match="lengths disagree"):
         validate_dataset(ds)
     with pytest.raises(PrivDebiasError, match="lengths disagree"):
@@ -110,13 +112,20 @@ def test_float_non_integer_labels_raise():
     with pytest.raises(PrivDebiasError, match="integer labels"):
         make_dataset(np.zeros((3, 2)), [0, 1, 2], [0.0, np.nan, 1.0])
     # validate_dataset on a hand-built float field: rejected by dtype
-    ds = Dataset(np.zeros((2, 2), np.float32), np.array([0.0, 1.0]), np.zeros(2, np.int32), np.arange(2))
+    ds = Dataset(
+        np.zeros((2, 2), np.float32), np.array([0.0, 1.0]), np.zeros(2, np.int32), np.arange(2)
+    )
     with pytest.raises(PrivDebiasError, match="`y` must hold integers"):
         validate_dataset(ds)
 
 
 def test_validate_two_dimensional_labels_raise():
-    ds = Dataset(np.zeros((2, 2), np.float32), np.zeros((2, 1), np.int32), np.zeros(2, np.int32), np.arange(2))
+    ds = Dataset(
+        np.zeros((2, 2), np.float32),
+        np.zeros((2, 1), np.int32),
+        np.zeros(2, np.int32),
+        np.arange(2),
+    )
     with pytest.raises(PrivDebiasError, match="1-D"):
         validate_dataset(ds)
 
@@ -173,7 +182,7 @@ def test_stack_batches_same_key_same_order_different_key_different_order():
     b1 = stack_batches(ds, 8, jax.random.key(3))
     b2 = stack_batches(ds, 8, jax.random.key(3))
     b3 = stack_batches(ds, 8, jax.random.key(4))
-    for u, v in zip(b1, b2):
+    for u, v in zip(b1, b2, strict=True):
         np.testing.assert_array_equal(u, v)
     assert not np.array_equal(b1.idx, b3.idx)
     assert set(b1.idx.ravel()) == set(b3.idx.ravel())
@@ -204,7 +213,7 @@ def test_iterate_batches_equals_stack_batches_slices():
     assert len(batches) == stacked.mask.shape[0] == 5
     for i, b in enumerate(batches):
         assert isinstance(b, Batch)
-        for u, v in zip(b, stacked):
+        for u, v in zip(b, stacked, strict=True):
             np.testing.assert_array_equal(u, v[i])
 
 
@@ -212,7 +221,7 @@ def test_as_batch():
     ds = _ds(6)
     b = as_batch(ds)
     np.testing.assert_array_equal(b.mask, np.ones(6))
-    for u, v in zip(b[:4], ds):
+    for u, v in zip(b[:4], ds, strict=True):
         np.testing.assert_array_equal(u, v)
 
 
@@ -303,11 +312,6 @@ def test_other_attribute_bad_input():
         other_attribute([0, 3], 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: make_dataset casts float ids with astype(int64), silently truncating "
-    "non-integer ids (0.5 -> 0) instead of raising as it does for float labels",
-)
 def test_make_dataset_rejects_non_integer_ids():
     with pytest.raises(PrivDebiasError):
         make_dataset(np.zeros((2, 2)), [0, 1], [0, 1], idx=[0.5, 1.5])

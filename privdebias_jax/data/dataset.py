@@ -136,7 +136,9 @@ def make_dataset(x: Any, y: Any, a: Any, idx: Any | None = None, **checks: Any) 
     x = np.asarray(x)
     y = np.asarray(y)
     a = np.asarray(a)
-    for field, v in (("y", y), ("a", a)):
+    if idx is not None:
+        idx = np.asarray(idx)
+    for field, v in (("y", y), ("a", a), ("idx", idx if idx is not None else np.zeros(0, np.int64))):
         if np.issubdtype(v.dtype, np.floating):
             if not np.all(np.isfinite(v)) or not np.all(v == np.round(v)):
                 raise PrivDebiasError(f"`{field}` must hold integer labels, got non-integer values")

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from privdebias_jax.models.cnn import ConvNet
+from privdebias_jax.models.cnn import NORMS, ConvNet
 from privdebias_jax.models.mlp import MLP
 from privdebias_jax.models.resnet import ResNet
 from privdebias_jax.types import ModelState, Params, PRNGKey, PrivDebiasError
@@ -51,6 +51,18 @@ def create_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
         raise PrivDebiasError(f"model {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields - {'num_classes'})}")
     kwargs = {**defaults, **overrides}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if "norm" in kwargs and kwargs["norm"] not in NORMS:
+        raise PrivDebiasError(f"model {name!r}: unknown norm {kwargs['norm']!r}; expected one of {NORMS}")
+    if cls is ConvNet and len(kwargs["strides"]) != len(kwargs["widths"]):
+        raise PrivDebiasError(
+            f"model {name!r}: strides {tuple(kwargs['strides'])} and widths {tuple(kwargs['widths'])} "
+            "must have the same length"
+        )
+    if cls is ResNet and len(kwargs["stage_sizes"]) != len(kwargs["widths"]):
+        raise PrivDebiasError(
+            f"model {name!r}: stage_sizes {tuple(kwargs['stage_sizes'])} and widths {tuple(kwargs['widths'])} "
+            "must have the same length"
+        )
     return cls(num_classes=int(num_classes), **kwargs)
 
 

@@ -17,6 +17,21 @@ import jax
 import jax.numpy as jnp
 
 
+NORMS = ("batch", "group", "layer", "none")
+
+
+def apply_norm(kind: str, name: str, h: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
+    """Apply a normalisation layer to ``h`` ``(B, H, W, C)``; padding rows (``mask = 0``) are
+    left out of batch-norm statistics."""
+    layer = norm_layer(kind, name, train)
+    if layer is None:
+        return h
+    if kind == "batch":
+        bn_mask = None if mask is None else jnp.broadcast_to(mask.reshape((-1,) + (1,) * (h.ndim - 1)) > 0, h.shape)
+        return layer(h, mask=bn_mask)
+    return layer(h)
+
+
 def norm_layer(kind: str, name: str, train: bool) -> nn.Module | None:
     """``batch`` (running statistics in the ``batch_stats`` collection), ``group``, ``layer`` or ``none``."""
     if kind == "batch":
@@ -48,17 +63,16 @@ class ConvNet(nn.Module):
     norm: str = "batch"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         if len(self.strides) != len(self.widths):
             raise ValueError(f"strides {tuple(self.strides)} and widths {tuple(self.widths)} differ in length")
         h = x
         for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
             h = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=(stride, stride),
                         padding="SAME", use_bias=self.norm == "none", name=f"conv_{i}")(h)
-            layer = norm_layer(self.norm, f"norm_{i}", train)
-            if layer is not None:
-                h = layer(h)
-            h = nn.relu(h)
+            h = nn.relu(apply_norm(self.norm, f"norm_{i}", h, train, mask))
         features = jnp.mean(h, axis=(1, 2))
         logits = nn.Dense(self.num_classes, name="head")(features)
         return logits, features

@@ -32,7 +32,10 @@ class MLP(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        del mask  # no batch statistics
         h = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
             h = nn.relu(nn.Dense(width, name=f"dense_{i}")(h))

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from privdebias_jax.models.cnn import norm_layer
+from privdebias_jax.models.cnn import apply_norm
 
 
 class BasicBlock(nn.Module):
@@ -24,12 +24,11 @@ class BasicBlock(nn.Module):
     norm: str
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         bias = self.norm == "none"
 
         def normed(h: jax.Array, name: str) -> jax.Array:
-            layer = norm_layer(self.norm, name, train)
-            return h if layer is None else layer(h)
+            return apply_norm(self.norm, name, h, train, mask)
 
         h = nn.Conv(self.width, (3, 3), (self.stride, self.stride), padding="SAME", use_bias=bias, name="conv1")(x)
         h = nn.relu(normed(h, "norm1"))
@@ -57,14 +56,15 @@ class ResNet(nn.Module):
     norm: str = "group"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=self.norm == "none", name="stem")(x)
-        layer = norm_layer(self.norm, "stem_norm", train)
-        h = nn.relu(h if layer is None else layer(h))
+        h = nn.relu(apply_norm(self.norm, "stem_norm", h, train, mask))
         for s, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for b in range(blocks):
                 stride = 2 if (s > 0 and b == 0) else 1
-                h = BasicBlock(width, stride, self.norm, name=f"stage{s}_block{b}")(h, train)
+                h = BasicBlock(width, stride, self.norm, name=f"stage{s}_block{b}")(h, train, mask)
         features = jnp.mean(h, axis=(1, 2))
         logits = nn.Dense(self.num_classes, name="head")(features)
         return logits, features
