@@ -12,7 +12,7 @@ Subpackages: :mod:`privdebias_jax.data` (datasets as ``(x, y, a, idx)`` NamedTup
 """
 
 from privdebias_jax import checkpoint, data, metrics, models, train
-from privdebias_jax.data import Batch, DataSplits, Dataset, load_dataset
+from privdebias_jax.data import Batch, Dataset, DataSplits, load_dataset
 from privdebias_jax.models import create_model
 from privdebias_jax.train import TrainState, evaluate, fit, make_train_step, predict
 from privdebias_jax.types import PrivDebiasError

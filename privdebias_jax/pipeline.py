@@ -35,7 +35,7 @@ from privdebias_jax.train import (
     make_optimizer,
     predict,
 )
-from privdebias_jax.types import PRNGKey, PrivDebiasError
+from privdebias_jax.types import PrivDebiasError, PRNGKey
 
 
 def load_splits(config: ml_collections.ConfigDict) -> DataSplits:

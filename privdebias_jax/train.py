@@ -38,7 +38,7 @@ from privdebias_jax import checkpoint as ckpt
 from privdebias_jax.data.dataset import Batch, Dataset, stack_batches
 from privdebias_jax.metrics import fairness
 from privdebias_jax.models import init_model
-from privdebias_jax.types import ModelState, Params, PRNGKey, PrivDebiasError
+from privdebias_jax.types import ModelState, Params, PrivDebiasError, PRNGKey
 
 #: ``regularizer(params, batch, logits, features) -> scalar`` (already weighted).
 Regularizer = Callable[[Params, Batch, jax.Array, jax.Array], jax.Array]

@@ -9,8 +9,8 @@ from typing import Any
 
 from privdebias_jax.data.dataset import (
     Batch,
-    DataSplits,
     Dataset,
+    DataSplits,
     as_batch,
     concat,
     iterate_batches,

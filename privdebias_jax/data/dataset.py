@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from privdebias_jax.types import PRNGKey, PrivDebiasError
+from privdebias_jax.types import PrivDebiasError, PRNGKey
 
 
 class Dataset(NamedTuple):
@@ -99,7 +99,7 @@ def validate_dataset(
         attributes are out of range or not integers, or ids repeat.
     """
     n = int(np.shape(ds.x)[0]) if np.ndim(ds.x) else -1
-    lengths = {f: int(np.shape(v)[0]) if np.ndim(v) else -1 for f, v in zip(ds._fields, ds)}
+    lengths = {f: int(np.shape(v)[0]) if np.ndim(v) else -1 for f, v in zip(ds._fields, ds, strict=False)}
     if len(set(lengths.values())) != 1:
         raise PrivDebiasError(f"{name}: field lengths disagree: {lengths}")
     for field in ("y", "a", "idx"):

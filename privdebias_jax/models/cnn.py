@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
 NORMS = ("batch", "group", "layer", "none")
 
 
@@ -69,7 +68,7 @@ class ConvNet(nn.Module):
         if len(self.strides) != len(self.widths):
             raise ValueError(f"strides {tuple(self.strides)} and widths {tuple(self.widths)} differ in length")
         h = x
-        for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
+        for i, (width, stride) in enumerate(zip(self.widths, self.strides, strict=False)):
             h = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=(stride, stride),
                         padding="SAME", use_bias=self.norm == "none", name=f"conv_{i}")(h)
             h = nn.relu(apply_norm(self.norm, f"norm_{i}", h, train, mask))

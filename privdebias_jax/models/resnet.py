@@ -61,7 +61,7 @@ class ResNet(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=self.norm == "none", name="stem")(x)
         h = nn.relu(apply_norm(self.norm, "stem_norm", h, train, mask))
-        for s, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+        for s, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=False)):
             for b in range(blocks):
                 stride = 2 if (s > 0 and b == 0) else 1
                 h = BasicBlock(width, stride, self.norm, name=f"stage{s}_block{b}")(h, train, mask)
