@@ -1,0 +1,238 @@
+"""The curvature problem every inverse-HVP solver answers.
+
+``make_problem(loss_fn, params, batch, select=..., damping=...)`` fixes the objective
+``L(θ) = loss_fn(θ, batch)`` (the library's ``loss_fn(params, batch)`` contract, a mean over
+the batch), the parameter subset ``S`` it is differentiated in, and the damping ``λ``:
+
+    H_λ = ∇²_{θ_S} L(θ) + λ I        (curvature="hessian")
+    H_λ = J_Sᵀ ∇²_z ℓ J_S + λ I       (curvature="gauss_newton", needs the model)
+
+Its products (:meth:`CurvatureProblem.matvec`) and per-example gradients
+(:func:`per_example_grads`) are jitted with the data and the frozen parameters as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from privdebias_jax.data.dataset import Batch, Dataset, as_batch
+from privdebias_jax.influence.hvp import gnvp, hvp
+from privdebias_jax.influence.params import PathFilter, merge_params, split_params
+from privdebias_jax.train import apply_model, cross_entropy_loss
+from privdebias_jax.types import ModelState, Params, PrivDebiasError
+
+Tree = Any
+CURVATURES = ("hessian", "gauss_newton")
+
+
+def _restricted_loss(loss_fn, selected, frozen, batch, model_state):
+    params = merge_params(selected, frozen)
+    if model_state is None:
+        return loss_fn(params, batch)
+    return loss_fn(params, batch, model_state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _damped_hvp(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, v):
+    if curvature_fn is None:
+        hv = hvp(lambda s, fr, b, ms: _restricted_loss(loss_fn, s, fr, b, ms), selected, v, frozen, batch, model_state)
+    else:
+        hv = curvature_fn(selected, frozen, batch, model_state, v)
+    return jax.tree_util.tree_map(lambda h, x: h + damping * x, hv, v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_grad(loss_fn, selected, frozen, batch, model_state):
+    return jax.grad(lambda s: _restricted_loss(loss_fn, s, frozen, batch, model_state))(selected)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CurvatureProblem:
+    """``H_λ`` of ``loss_fn`` on a parameter subset, over a fixed batch.
+
+    Attributes:
+      loss_fn: ``loss_fn(params, batch[, model_state]) -> scalar``, a mean over the batch.
+      params: the full parameter tree.
+      batch: the data ``H`` is averaged over (a :class:`Batch`, mask honoured by ``loss_fn``).
+      selected, frozen: the subset ``S`` (flat dict path → array) and the rest.
+      damping: ``λ ≥ 0`` added to the diagonal.
+      curvature: ``hessian`` or ``gauss_newton``.
+      model, model_state: the Flax module (needed for ``gauss_newton``, the closed-form head
+        solver and the true-Fisher K-FAC) and its batch statistics.
+    """
+
+    loss_fn: Callable[..., jax.Array]
+    params: Params
+    batch: Batch
+    selected: dict[str, Any]
+    frozen: dict[str, Any]
+    damping: float
+    curvature: str
+    model: nn.Module | None
+    model_state: ModelState | None
+    select: PathFilter
+
+    @property
+    def num_params(self) -> int:
+        """Size of the subset ``S``."""
+        return int(sum(np.size(v) for v in self.selected.values()))
+
+    @property
+    def num_examples(self) -> float:
+        """``Σ mask`` of the batch (the ``n`` of ``H = (1/n) Σ ∇²ℓ_i``)."""
+        return float(np.sum(np.asarray(self.batch.mask)))
+
+    def _curvature_fn(self):
+        if self.curvature == "hessian":
+            return None
+        return _gn_product(self.model)
+
+    def matvec(self, v: Tree) -> Tree:
+        """``H_λ v`` for ``v`` shaped like ``selected``."""
+        return _damped_hvp(
+            self.loss_fn, self._curvature_fn(), jnp.asarray(self.damping, jnp.float32),
+            self.selected, self.frozen, self.batch, self.model_state, v,
+        )
+
+    def undamped_matvec(self, v: Tree) -> Tree:
+        """``(H_λ − λI) v``."""
+        return _damped_hvp(
+            self.loss_fn, self._curvature_fn(), jnp.zeros((), jnp.float32),
+            self.selected, self.frozen, self.batch, self.model_state, v,
+        )
+
+    def gradient(self, batch: Batch | Dataset | None = None) -> dict[str, Any]:
+        """``∇_{θ_S} loss_fn(θ, batch)`` (the problem's own batch when None)."""
+        b = self.batch if batch is None else (as_batch(batch) if isinstance(batch, Dataset) else batch)
+        return _loss_grad(self.loss_fn, self.selected, self.frozen, b, self.model_state)
+
+    def ravel(self, tree: Tree) -> jax.Array:
+        """Flatten a subset-shaped tree in ``ravel_pytree`` order."""
+        return ravel_pytree(tree)[0]
+
+    def unravel(self, flat: jax.Array) -> Tree:
+        """The inverse of :meth:`ravel`."""
+        return ravel_pytree(self.selected)[1](flat)
+
+    def with_selected(self, selected: dict[str, Any]) -> Params:
+        """The full parameter tree with ``selected`` in place of the subset."""
+        return merge_params(selected, self.frozen)
+
+
+@functools.lru_cache(maxsize=32)
+def _gn_product(model: nn.Module):
+    def output_fn(selected, frozen, batch, model_state):
+        logits, _, _ = apply_model(model, merge_params(selected, frozen), model_state or {}, batch.x)
+        return logits
+
+    def output_loss(z, frozen, batch, model_state):
+        return cross_entropy_loss(z, batch)
+
+    def product(selected, frozen, batch, model_state, v):
+        return gnvp(output_fn, output_loss, selected, v, frozen, batch, model_state)
+
+    return product
+
+
+def make_problem(
+    loss_fn: Callable[..., jax.Array],
+    params: Params,
+    batch: Batch | Dataset,
+    *,
+    select: PathFilter = None,
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    model: nn.Module | None = None,
+    model_state: ModelState | None = None,
+) -> CurvatureProblem:
+    """Build a :class:`CurvatureProblem`.
+
+    ``batch`` may be a :class:`Dataset` (taken whole, mask of ones). For
+    ``curvature="gauss_newton"`` the model is required and the loss is taken to be the mean
+    cross-entropy of its logits.
+
+    Raises:
+      PrivDebiasError: negative or non-finite damping, unknown curvature, a filter that
+        matches nothing, ``gauss_newton`` without a model.
+    """
+    damping = float(damping)
+    if not np.isfinite(damping) or damping < 0:
+        raise PrivDebiasError(f"damping must be a finite number ≥ 0, got {damping}")
+    if curvature not in CURVATURES:
+        raise PrivDebiasError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
+    if curvature == "gauss_newton" and model is None:
+        raise PrivDebiasError("curvature='gauss_newton' needs the model (pass model=...)")
+    if isinstance(batch, Dataset):
+        batch = as_batch(batch)
+    batch = Batch(*(jnp.asarray(v) for v in batch))
+    selected, frozen = split_params(params, select)
+    return CurvatureProblem(
+        loss_fn=loss_fn, params=params, batch=batch, selected=selected, frozen=frozen,
+        damping=damping, curvature=curvature, model=model,
+        model_state=model_state if model_state else None, select=select,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example gradients
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_flat_grads(loss_fn, selected, frozen, batch, model_state):
+    def one(ex):
+        b1 = Batch(*(v[None] for v in ex))
+        g = jax.grad(lambda s: _restricted_loss(loss_fn, s, frozen, b1, model_state))(selected)
+        return ravel_pytree(g)[0]
+
+    return jax.vmap(one)(batch)
+
+
+def iterate_per_example_grads(
+    problem: CurvatureProblem,
+    data: Dataset | Batch,
+    chunk_size: int = 256,
+    selected: dict[str, Any] | None = None,
+) -> Iterator[tuple[slice, jax.Array]]:
+    """Per-example gradients ``∇_{θ_S} ℓ(z_i)`` as ``(rows, (chunk, P) flat array)`` chunks.
+
+    Each example's gradient is that of ``loss_fn`` on a batch holding only it (for the mean
+    cross-entropy: the example's own loss). Chunks have a fixed size (the last one padded
+    and cut), so the vmapped gradient compiles once; memory is ``chunk_size × P``.
+    """
+    b = as_batch(data) if isinstance(data, Dataset) else data
+    n = int(np.shape(b.y)[0])
+    if n == 0:
+        raise PrivDebiasError("per-example gradients of an empty set")
+    cs = max(1, min(int(chunk_size), n))
+    sel = problem.selected if selected is None else selected
+    for start in range(0, n, cs):
+        stop = min(start + cs, n)
+        rows = np.arange(start, start + cs) % n if stop - start < cs else np.arange(start, stop)
+        chunk = Batch(*(jnp.asarray(np.asarray(v)[rows]) for v in b))
+        chunk = chunk._replace(mask=jnp.ones_like(chunk.mask))
+        g = _per_example_flat_grads(problem.loss_fn, sel, problem.frozen, chunk, problem.model_state)
+        yield slice(start, stop), g[: stop - start]
+
+
+def per_example_grads(problem: CurvatureProblem, data: Dataset | Batch, chunk_size: int = 256) -> jax.Array:
+    """All per-example gradients as one ``(N, P)`` array (see :func:`iterate_per_example_grads`)."""
+    return jnp.concatenate([g for _, g in iterate_per_example_grads(problem, data, chunk_size)])
+
+
+__all__ = [
+    "CURVATURES",
+    "CurvatureProblem",
+    "make_problem",
+    "iterate_per_example_grads",
+    "per_example_grads",
+]
