@@ -55,6 +55,11 @@ def _loss_grad(loss_fn, selected, frozen, batch, model_state):
     return jax.grad(lambda s: _restricted_loss(loss_fn, s, frozen, batch, model_state))(selected)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_value(loss_fn, selected, frozen, batch, model_state):
+    return _restricted_loss(loss_fn, selected, frozen, batch, model_state)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class CurvatureProblem:
     """``H_λ`` of ``loss_fn`` on a parameter subset, over a fixed batch.
@@ -114,6 +119,11 @@ class CurvatureProblem:
         """``∇_{θ_S} loss_fn(θ, batch)`` (the problem's own batch when None)."""
         b = self.batch if batch is None else (as_batch(batch) if isinstance(batch, Dataset) else batch)
         return _loss_grad(self.loss_fn, self.selected, self.frozen, b, self.model_state)
+
+    def value(self, selected: dict[str, Any] | None = None) -> float:
+        """``loss_fn`` on the problem's batch with the subset set to ``selected`` (default: its own)."""
+        sel = self.selected if selected is None else selected
+        return float(_loss_value(self.loss_fn, sel, self.frozen, self.batch, self.model_state))
 
     def ravel(self, tree: Tree) -> jax.Array:
         """Flatten a subset-shaped tree in ``ravel_pytree`` order."""

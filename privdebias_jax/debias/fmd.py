@@ -1,0 +1,394 @@
+"""FMD: Fast Model Debias with machine unlearning (Chen et al., NeurIPS 2023).
+
+Three steps on a trained model, touching only a small parameter subset (the last layer by
+default):
+
+1. **Identify** (:func:`identify_bias`): counterfactual bias per attribute,
+   ``B(θ) = mean_i |p(ŷ_i | x_i, a_i) − p(ŷ_i | x_i, ā_i)|`` over an external set of pairs;
+   the attribute is biased when ``B > δ``.
+2. **Evaluate** (:func:`rank_harmful`): influence of every training sample on the bias,
+   ``I(z) = −∇_θ B(θ)ᵀ H⁻¹ ∇_θ ℓ(z, θ)`` (``H`` the Hessian of the mean training loss on the
+   subset, damped); the top-K largest ``I(z)`` are the harmful samples (removing them lowers
+   ``B`` the most; see :mod:`privdebias_jax.influence.influence` for the sign convention).
+3. **Remove** (:func:`fmd_debias`): one Newton step that replaces each harmful sample by its
+   counterfactual, ``θ' = θ + (1/n) H⁻¹ Σ_k (∇ℓ(z_k) − ∇ℓ(z̄_k))`` (``mode="train"``), or, when
+   the training data is unavailable (``mode="external"``), the same update built from the
+   external pairs alone with ``H`` over the external set and ``n = |D_ex|``.
+
+A step multiplier may be chosen from a grid on the **external set only** (lowest bias whose
+external accuracy drops by at most ``max_acc_drop``); test data are never looked at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from privdebias_jax.data.dataset import Batch, Dataset, as_batch, concat, other_attribute, subset
+from privdebias_jax.influence import (
+    LAST_LAYER,
+    InfluenceResult,
+    influence_scores,
+    make_problem,
+    make_solver,
+    newton_update,
+    objective_gradient,
+)
+from privdebias_jax.influence.params import PathFilter
+from privdebias_jax.metrics.fairness import counterfactual_bias_from_logits
+from privdebias_jax.train import TrainState, apply_model, make_loss_fn, predict
+from privdebias_jax.types import PrivDebiasError, PRNGKey
+
+MODES = ("external", "train")
+
+
+class LinearHead(nn.Module):
+    """The last layer alone, ``z = h W + b`` on precomputed features (named ``head`` like every model's)."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        return nn.Dense(self.num_classes, name="head")(x), x
+
+
+def make_bias_objective(model: nn.Module) -> Callable[..., jax.Array]:
+    """``f(params, pairs, model_state=None) -> B(θ)`` with ``pairs = (batch, counterfactual_batch)``.
+
+    Differentiable in ``params`` (the prediction ``ŷ`` is held fixed under ``stop_gradient``):
+    the objective whose influence FMD ranks samples by.
+    """
+
+    def bias(params: Any, pairs: tuple[Batch, Batch], model_state: Any = None) -> jax.Array:
+        batch, batch_cf = pairs
+        logits, _, _ = apply_model(model, params, model_state or {}, batch.x)
+        logits_cf, _, _ = apply_model(model, params, model_state or {}, batch_cf.x)
+        return counterfactual_bias_from_logits(logits, logits_cf, batch.mask)
+
+    return bias
+
+
+def counterfactual_bias_value(model: nn.Module, params: Any, model_state: Any, ds: Dataset, ds_cf: Dataset) -> float:
+    """``B(θ)`` of a model on pairs ``(ds, ds_cf)`` (batched forward passes)."""
+    logits, _ = predict(model, params, model_state, ds)
+    logits_cf, _ = predict(model, params, model_state, ds_cf)
+    return float(counterfactual_bias_from_logits(logits, logits_cf))
+
+
+def identify_bias(
+    model: nn.Module,
+    state: TrainState,
+    pairs: dict[str, tuple[Dataset, Dataset]],
+    delta: float = 0.05,
+) -> dict[str, dict[str, Any]]:
+    """Step 1: ``B(θ)`` per attribute from its counterfactual pairs; ``biased = B > δ``.
+
+    ``pairs`` maps an attribute name (``"colour"``, ``"sex"``, ``"race"``) to ``(ds, ds_cf)``.
+    """
+    if delta < 0:
+        raise PrivDebiasError(f"delta must be ≥ 0, got {delta}")
+    out = {}
+    for name, (ds, ds_cf) in pairs.items():
+        if len(ds) != len(ds_cf) or not np.array_equal(np.asarray(ds.idx), np.asarray(ds_cf.idx)):
+            raise PrivDebiasError(f"attribute {name!r}: the counterfactual set does not pair with the originals")
+        b = counterfactual_bias_value(model, state.params, state.model_state, ds, ds_cf)
+        out[name] = {"bias": b, "biased": bool(b > delta), "delta": float(delta), "pairs": len(ds)}
+    return out
+
+
+def rank_harmful(
+    model: nn.Module,
+    state: TrainState,
+    train: Dataset,
+    external: Dataset,
+    external_cf: Dataset,
+    *,
+    select: PathFilter = LAST_LAYER,
+    damping: float = 0.01,
+    solver: str = "exact",
+    solver_options: dict | None = None,
+    loss_fn: Callable[..., jax.Array] | None = None,
+) -> InfluenceResult:
+    """Step 2: ``I(z)`` on the bias for every training sample (``InfluenceResult.top_k`` gives the harmful)."""
+    loss_fn = loss_fn or make_loss_fn(model)
+    problem = make_problem(loss_fn, state.params, train, select=select, damping=damping, model=model,
+                           model_state=state.model_state)
+    grad_b = objective_gradient(problem, make_bias_objective(model), (as_batch(external), as_batch(external_cf)))
+    return influence_scores(problem, grad_b, train, solver, solver_options)
+
+
+@dataclasses.dataclass
+class FMDResult:
+    """What :func:`fmd_debias` returns: the debiased state and a JSON-ready report."""
+
+    state: TrainState
+    report: dict[str, Any]
+    influence: InfluenceResult | None
+
+
+def _accuracy(model, params, model_state, ds: Dataset) -> float:
+    logits, _ = predict(model, params, model_state, ds)
+    return float(np.mean(logits.argmax(-1) == np.asarray(ds.y)))
+
+
+def fmd_debias(
+    model: nn.Module,
+    state: TrainState,
+    external: Dataset,
+    counterfactual: Callable[[Dataset, Any], Dataset],
+    num_attributes: int,
+    *,
+    mode: str = "external",
+    train: Dataset | None = None,
+    k: int = 100,
+    select: PathFilter = LAST_LAYER,
+    damping: float = 0.01,
+    solver: str = "exact",
+    solver_options: dict | None = None,
+    newton_iterations: int = 1,
+    step_sizes: Sequence[float] = (1.0,),
+    max_acc_drop: float = 0.02,
+    delta: float = 0.0,
+    key: PRNGKey | None = None,
+    loss_fn: Callable[..., jax.Array] | None = None,
+    feature_cache: bool = True,
+) -> FMDResult:
+    r"""Debias ``state`` by FMD's identify → evaluate → remove, updating only the ``select`` subset.
+
+    Args:
+      model, state: the trained model.
+      external: the external set ``D_ex`` (samples with ``y`` and ``a``; never the test set you
+        report on).
+      counterfactual: ``counterfactual(ds, a_new) -> Dataset`` (``DataSplits.counterfactual``).
+      num_attributes: values of the protected attribute (``ā`` is drawn among the others).
+      mode: ``"external"`` (update from ``D_ex`` pairs only) or ``"train"`` (rank the training
+        set by influence on the bias, replace the top-``k`` by their counterfactuals).
+      train: the training set (``mode="train"``).
+      k: number of harmful samples replaced (``mode="train"``), in ``[1, len(train)]``.
+      select: parameter subset (regex on ``/``-joined paths; ``"^head/"`` = last layer).
+      damping: ``λ > 0`` added to the Hessian.
+      solver, solver_options: inverse-HVP solver by name (``exact``, ``linear_head``, ``cg``, ...).
+      newton_iterations: ``1`` is FMD's single Newton step. ``T > 1`` (``mode="train"``)
+        continues with ``T − 1`` damped Newton steps on the modified objective
+        ``L'(θ) = mean ℓ over (D \ top-K) ∪ counterfactuals(top-K)`` (the Hessian and gradient
+        re-evaluated at each iterate), which converges to retraining the subset on the
+        modified data: beyond the paper, useful when one step is too short.
+      step_sizes: multipliers ``m`` of the Newton step tried; the one with the lowest external
+        bias among those whose external accuracy drops by at most ``max_acc_drop`` is kept.
+      delta: fairness threshold of step 1; with ``B ≤ δ`` the model is returned unchanged.
+      key: draws the counterfactual attribute values (a fixed cyclic shift when None).
+      loss_fn: the training loss (default: mean cross-entropy of the model).
+      feature_cache: with ``select="^head/"`` and the default loss, compute the frozen
+        backbone's features once and run every step on the linear head alone (exact: the
+        backbone does not change); otherwise every product runs through the whole model.
+
+    Returns:
+      :class:`FMDResult` with the new state (only the subset differs) and a report: bias and
+      external accuracy before/after, the chosen step, seconds per step, parameters updated.
+
+    Raises:
+      PrivDebiasError: unknown mode, ``k`` out of range, missing training set, non-positive
+        damping, an empty external set, empty ``step_sizes``.
+    """
+    if mode not in MODES:
+        raise PrivDebiasError(f"unknown FMD mode {mode!r}; expected one of {MODES}")
+    if not damping > 0:
+        raise PrivDebiasError(f"FMD needs damping > 0, got {damping}")
+    if len(external) == 0:
+        raise PrivDebiasError("the external set is empty")
+    if not step_sizes:
+        raise PrivDebiasError("step_sizes is empty")
+    if int(newton_iterations) < 1:
+        raise PrivDebiasError(f"newton_iterations must be ≥ 1, got {newton_iterations}")
+    if mode == "external" and int(newton_iterations) != 1:
+        raise PrivDebiasError("newton_iterations > 1 needs mode='train' (the modified training objective)")
+    if mode == "train":
+        if train is None:
+            raise PrivDebiasError("mode='train' needs the training set (or use mode='external')")
+        if not 1 <= int(k) <= len(train):
+            raise PrivDebiasError(f"K must be in [1, {len(train)}] (the training-set size), got {k}")
+    keys = jax.random.split(key, 2) if key is not None else (None, None)
+    t_all = time.perf_counter()
+    # Work in feature space when only the last layer changes and the loss is the default one:
+    # the backbone is frozen, so features are computed once and every product costs a matmul.
+    fast = feature_cache and loss_fn is None and select == LAST_LAYER and "head" in state.params
+    if fast:
+        work_model = LinearHead(int(np.shape(state.params["head"]["kernel"])[1]))
+        work_state = state.replace(params={"head": state.params["head"]}, model_state={})
+        work_select: PathFilter = None
+
+        def to_work(ds: Dataset) -> Dataset:
+            _, feats = predict(model, state.params, state.model_state, ds)
+            return Dataset(x=feats, y=ds.y, a=ds.a, idx=ds.idx)
+    else:
+        work_model, work_state, work_select = model, state, select
+
+        def to_work(ds: Dataset) -> Dataset:
+            return ds
+    loss_fn = loss_fn or make_loss_fn(work_model)
+
+    # 1. identify
+    t0 = time.perf_counter()
+    ext_cf_raw = counterfactual(external, other_attribute(external.a, num_attributes, keys[0]))
+    ext_w, ext_cf = to_work(external), to_work(ext_cf_raw)
+    identified = identify_bias(work_model, work_state, {"attribute": (ext_w, ext_cf)}, delta)["attribute"]
+    acc_before = _accuracy(work_model, work_state.params, work_state.model_state, ext_w)
+    t_identify = time.perf_counter() - t0
+    report: dict[str, Any] = {
+        "mode": mode,
+        "external_size": len(external),
+        "bias_external_before": identified["bias"],
+        "acc_external_before": acc_before,
+        "delta": float(delta),
+        "biased": identified["biased"],
+        "solver": solver,
+        "damping": float(damping),
+        "select": select if isinstance(select, str) else repr(select),
+        "feature_space": bool(fast),
+    }
+    if not identified["biased"]:
+        report.update(updated=False, seconds={"identify": t_identify, "total": time.perf_counter() - t_all})
+        return FMDResult(state, report, None)
+
+    # 2. evaluate and 3. remove
+    solver_obj = make_solver(solver, **(solver_options or {}))
+    influence = None
+    ms = work_state.model_state
+    if mode == "train":
+        t0 = time.perf_counter()
+        train_w = to_work(train)
+        problem = make_problem(loss_fn, work_state.params, train_w, select=work_select, damping=damping,
+                               model=work_model, model_state=ms)
+        prepared = solver_obj.prepare(problem)
+        grad_b = objective_gradient(problem, make_bias_objective(work_model), (as_batch(ext_w), as_batch(ext_cf)))
+        influence = influence_scores(problem, grad_b, train_w, solver_obj, prepared=prepared)
+        t_eval = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = influence.top_k(k)
+        harmful = subset(train_w, rows)
+        harmful_raw = subset(train, rows)
+        harmful_cf = to_work(counterfactual(harmful_raw, other_attribute(harmful_raw.a, num_attributes, keys[1])))
+        update = newton_update(problem, harmful, harmful_cf, solver=solver_obj, prepared=prepared)
+        if int(newton_iterations) > 1:
+            update, history = _continue_newton(
+                problem, update, concat(drop_ids(train_w, harmful.idx), harmful_cf), solver_obj,
+                int(newton_iterations) - 1, loss_fn, work_model, ms,
+            )
+            report["newton_history"] = history
+        report["newton_iterations"] = int(newton_iterations)
+        report["k"] = int(k)
+        report["harmful_ids"] = np.asarray(harmful.idx).tolist()
+        report["harmful_fraction_aligned"] = float(np.mean(np.asarray(harmful.y) == np.asarray(harmful.a)))
+    else:
+        t0 = time.perf_counter()
+        problem = make_problem(loss_fn, work_state.params, ext_w, select=work_select, damping=damping,
+                               model=work_model, model_state=ms)
+        prepared = solver_obj.prepare(problem)
+        t_eval = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        update = newton_update(problem, ext_w, ext_cf, solver=solver_obj, prepared=prepared)
+    # choose the step on the external set
+    candidates = []
+    for m in step_sizes:
+        sel = jax.tree_util.tree_map(lambda p, d, m=m: p + m * d, problem.selected, update.delta)
+        params = problem.with_selected(sel)
+        b = counterfactual_bias_value(work_model, params, ms, ext_w, ext_cf)
+        acc = _accuracy(work_model, params, ms, ext_w)
+        candidates.append({"step": float(m), "bias_external": b, "acc_external": acc, "params": params})
+    ok = [c for c in candidates if c["acc_external"] >= acc_before - max_acc_drop]
+    best = min(ok or candidates, key=lambda c: c["bias_external"])
+    new_params = best["params"]
+    if fast:
+        new_params = {**state.params, "head": new_params["head"]}
+    jax.block_until_ready(new_params)
+    t_remove = time.perf_counter() - t0
+    new_state = state.replace(params=new_params)
+    report.update(
+        updated=True,
+        step=best["step"],
+        step_within_accuracy_budget=bool(ok),
+        bias_external_after=best["bias_external"],
+        acc_external_after=best["acc_external"],
+        candidates=[{k2: v for k2, v in c.items() if k2 != "params"} for c in candidates],
+        num_params_updated=update.num_params_updated,
+        solver_diagnostics=update.diagnostics.as_dict(),
+        seconds={"identify": t_identify, "evaluate": t_eval, "remove": t_remove,
+                 "total": time.perf_counter() - t_all},
+    )
+    return FMDResult(new_state, report, influence)
+
+
+def _continue_newton(problem, update, modified: Dataset, solver_obj, steps: int, loss_fn, model, model_state):
+    """Damped Newton on the modified objective ``L'`` (the mean loss over ``modified``), with
+    Armijo backtracking so every accepted step lowers ``L'``.
+
+    The first direction is FMD's step (``update.delta``); the next ``steps`` directions are
+    ``−H'_λ⁻¹ ∇L'(θ)`` at the current iterate. Returns the update with the total displacement
+    and the history of ``(L', ‖∇L'‖, accepted step)``.
+    """
+    tmap = jax.tree_util.tree_map
+    base = make_problem(loss_fn, problem.params, modified, select=problem.select, damping=problem.damping,
+                        model=model, model_state=model_state)
+    delta = tmap(jnp.zeros_like, problem.selected)
+    history = []
+    direction = update.delta
+    diag = update.diagnostics
+    for it in range(steps + 1):
+        sel = tmap(lambda p, d: p + d, problem.selected, delta)
+        prob_t = dataclasses.replace(base, selected=sel, params=problem.with_selected(sel))
+        grad = prob_t.gradient()
+        value = prob_t.value()
+        if it > 0:
+            x, diag = solver_obj.solve(solver_obj.prepare(prob_t), grad)
+            direction = tmap(lambda xx: -xx, x)
+        slope = float(prob_t.ravel(grad) @ prob_t.ravel(direction))
+        t, accepted = 1.0, 0.0
+        while t >= 2.0**-20:
+            trial = tmap(lambda p, d, t=t: p + t * d, sel, direction)
+            if prob_t.value(trial) <= value + 1e-4 * t * min(slope, 0.0):
+                accepted = t
+                break
+            t *= 0.5
+        history.append({"loss": value, "grad_norm": float(jnp.linalg.norm(prob_t.ravel(grad))), "step": accepted})
+        if accepted == 0.0:
+            break
+        delta = tmap(lambda d, dd, a=accepted: d + a * dd, delta, direction)
+    return dataclasses.replace(update, delta=delta, diagnostics=diag), history
+
+
+def split_external(ds: Dataset, size: int, key: PRNGKey | int = 0) -> tuple[Dataset, Dataset]:
+    """Draw an external set of ``size`` samples from ``ds``; returns ``(external, rest)`` (disjoint ids).
+
+    Raises:
+      PrivDebiasError: if ``size`` is not in ``[1, len(ds) − 1]``.
+    """
+    if not 1 <= int(size) < len(ds):
+        raise PrivDebiasError(f"external-set size must be in [1, {len(ds) - 1}], got {size}")
+    key = jax.random.key(key) if isinstance(key, int) else key
+    order = np.asarray(jax.random.permutation(key, len(ds)))
+    return subset(ds, np.sort(order[: int(size)])), subset(ds, np.sort(order[int(size) :]))
+
+
+def drop_ids(ds: Dataset, ids: Any) -> Dataset:
+    """``ds`` without the samples whose ids are in ``ids`` (ids not present are ignored)."""
+    return subset(ds, ~np.isin(np.asarray(ds.idx), np.asarray(ids)))
+
+
+__all__ = [
+    "MODES",
+    "FMDResult",
+    "make_bias_objective",
+    "counterfactual_bias_value",
+    "identify_bias",
+    "rank_harmful",
+    "fmd_debias",
+    "split_external",
+    "drop_ids",
+]
