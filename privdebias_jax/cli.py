@@ -119,6 +119,58 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_debias(args: argparse.Namespace) -> int:
+    import ml_collections
+
+    from privdebias_jax.config import get_fmd_config
+    from privdebias_jax.pipeline import TrainedModel, debias_and_evaluate, load_model, load_splits
+
+    if args.method != "fmd":
+        raise PrivDebiasError(f"unknown debiasing method {args.method!r}; available: fmd")
+    trained = None
+    if args.from_dir:
+        src = Path(args.from_dir)
+        results_file = src / "results.json"
+        if not results_file.is_file():
+            raise PrivDebiasError(f"--from {src}: no results.json (train the model with `privdebias train --out {src}`)")
+        saved = ml_collections.ConfigDict(json.loads(results_file.read_text())["config"])
+        config = get_fmd_config(saved.dataset, args.preset)
+        for field in saved:
+            config[field] = saved[field]
+        model, state, spec = load_model(src / "model")
+        trained = TrainedModel(model, state, spec, load_splits(config), {})
+        args.dataset = config.dataset
+    else:
+        config = None
+    if config is None:
+        if args.config or args.dataset:
+            base = config_from_args(args)
+            config = get_fmd_config(base.dataset, args.preset)
+            for field in base:
+                config[field] = base[field]
+        else:
+            raise PrivDebiasError("--dataset, --config or --from is required")
+    overrides = {
+        "mode": args.mode, "k": args.k, "newton_iterations": args.newton_iterations, "damping": args.damping,
+        "solver": args.solver, "select": args.select, "external_size": args.external_size,
+    }
+    for field, value in overrides.items():
+        if value is not None:
+            config.fmd[field] = value
+    out = Path(args.out)
+    results = debias_and_evaluate(config, out, trained=trained, progress=not args.no_progress)
+    summary = {
+        "before": {k: round(v, 4) for k, v in results["before"].items()},
+        "after": {k: round(v, 4) for k, v in results["after"].items()},
+        "debias_seconds": round(results["debias_seconds"], 3),
+        "num_params_updated": results["num_params_updated"],
+        "external_size": results["external_size"],
+    }
+    print(json.dumps(summary))
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from privdebias_jax.run import run_main_job
 
@@ -140,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_ckpt")
     p.set_defaults(func=_cmd_train, dataset_required=True)
+
+    p = sub.add_parser("debias", help="debias a model (FMD: influence-function unlearning) and write DIR/results.json")
+    p.add_argument("--method", default="fmd", help="debiasing method (fmd)")
+    add_training_options(p, dataset_required=False)
+    p.add_argument("--from", dest="from_dir", help="a `privdebias train --out` directory to debias (else train first)")
+    p.add_argument("--mode", choices=("train", "external"), help="use the training set, or the external set only")
+    p.add_argument("--k", type=_non_negative_int, help="harmful samples replaced (0 = all training samples)")
+    p.add_argument("--newton-iterations", type=_positive_int, help="1 = the paper's single Newton step")
+    p.add_argument("--damping", type=float, help="damping λ > 0 added to the Hessian")
+    p.add_argument("--solver", help="inverse-HVP solver: exact, linear_head, cg, lissa, arnoldi, kfac, ekfac")
+    p.add_argument("--select", help="parameter subset to update (regex on paths; '^head/' = last layer)")
+    p.add_argument("--external-size", type=_positive_int, help="size of the external set D_ex")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_debias, dataset_required=False)
 
     p = sub.add_parser("run", help="the main job on the embedded data: results.json, report.md, figures")
     add_training_options(p, dataset_required=False)

@@ -59,6 +59,30 @@ def get_config(dataset: str = "biased-mnist", preset: str = "cpu") -> ml_collect
     return c
 
 
+def get_fmd_config(dataset: str = "colored-mnist", preset: str = "cpu") -> ml_collections.ConfigDict:
+    """Training config of ``dataset`` plus an ``fmd`` section for ``privdebias debias --method fmd``.
+
+    ``fmd`` fields: ``mode`` (``train`` / ``external``), ``k`` (harmful samples replaced; 0 =
+    the whole training set), ``newton_iterations`` (1 = the paper's single step),
+    ``damping``, ``solver``, ``select`` (parameter filter), ``external_size`` (``|D_ex|``, drawn
+    from the unbiased test set for MNIST, the test set for Adult, and removed from the
+    evaluation sets), ``step_sizes``, ``max_acc_drop``, ``delta``.
+    """
+    c = get_config(dataset, preset)
+    c.fmd = ml_collections.ConfigDict()
+    c.fmd.mode = "train"
+    c.fmd.k = 0
+    c.fmd.newton_iterations = 10
+    c.fmd.damping = 0.01
+    c.fmd.solver = "linear_head"
+    c.fmd.select = "^head/"
+    c.fmd.external_size = 200
+    c.fmd.step_sizes = (0.25, 0.5, 1.0)
+    c.fmd.max_acc_drop = 0.05
+    c.fmd.delta = 0.0
+    return c
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Load ``get_config()`` from a Python file (an experiment in ``experiments/``).
 
@@ -80,4 +104,4 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-__all__ = ["get_config", "load_config_file", "MNIST_VARIANTS"]
+__all__ = ["get_config", "get_fmd_config", "load_config_file", "MNIST_VARIANTS"]

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from privdebias_jax import checkpoint as ckpt
-from privdebias_jax.data import DataSplits, load_dataset, other_attribute
+from privdebias_jax.data import Dataset, DataSplits, load_dataset, other_attribute
 from privdebias_jax.metrics import fairness
 from privdebias_jax.models import count_params, create_model
 from privdebias_jax.train import (
@@ -269,4 +269,90 @@ __all__ = [
     "counterfactual_bias_of_model",
     "evaluate_model",
     "train_and_evaluate",
+    "split_for_external",
+    "debias_and_evaluate",
 ]
+
+
+def split_for_external(splits: DataSplits, size: int, key: PRNGKey | int) -> tuple[Dataset, DataSplits]:
+    """Draw FMD's external set ``D_ex`` and remove its ids from every evaluation split.
+
+    ``D_ex`` comes from the unbiased test set when there is one (colour independent of the
+    digit), else from the test set; the returned splits never evaluate on it.
+    """
+    from privdebias_jax.debias.fmd import drop_ids, split_external
+
+    pool = splits.test_unbiased if splits.test_unbiased is not None else splits.test
+    external, _ = split_external(pool, size, key)
+    return external, dataclasses.replace(
+        splits,
+        test=drop_ids(splits.test, external.idx),
+        test_unbiased=None if splits.test_unbiased is None else drop_ids(splits.test_unbiased, external.idx),
+    )
+
+
+_SUMMARY_KEYS = ("acc_biased", "acc_unbiased", "acc", "acc_conflicting", "counterfactual_bias", "dp_diff", "eo_diff")
+
+
+def debias_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike | None = None,
+    *,
+    trained: TrainedModel | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or take) a vanilla model, debias it with FMD as ``config.fmd`` says, evaluate both.
+
+    The external set is drawn with ``fold_in(key(seed), 5)`` and removed from the evaluation
+    splits before anything is trained or measured. Returns (and writes to
+    ``workdir/results.json`` with the debiased model in ``workdir/model``) the before/after
+    metrics, FMD's report, debiasing seconds, parameters updated and the external-set size.
+    """
+    from privdebias_jax.debias.fmd import fmd_debias
+
+    root = jax.random.key(int(config.seed))
+    if trained is None:
+        splits = load_splits(config)
+        external, splits = split_for_external(splits, int(config.fmd.external_size), jax.random.fold_in(root, 5))
+        trained = train_and_evaluate(config, None, splits=splits, progress=progress)
+    else:
+        external, splits = split_for_external(trained.splits, int(config.fmd.external_size), jax.random.fold_in(root, 5))
+        trained = dataclasses.replace(trained, splits=splits)
+        trained.results = evaluate_model(trained.model, trained.state, splits, key=jax.random.fold_in(root, 4))
+    before = evaluate_model(trained.model, trained.state, splits, key=jax.random.fold_in(root, 4))
+    if splits.counterfactual is None:
+        raise PrivDebiasError(f"FMD needs counterfactuals; dataset {splits.name!r} has none")
+    f = config.fmd
+    k = int(f.k) if int(f.k) > 0 else len(splits.train)
+    result = fmd_debias(
+        trained.model, trained.state, external, splits.counterfactual, splits.num_attributes,
+        mode=str(f.mode), train=splits.train, k=k, select=str(f.select), damping=float(f.damping),
+        solver=str(f.solver), newton_iterations=int(f.newton_iterations),
+        step_sizes=tuple(float(x) for x in f.step_sizes), max_acc_drop=float(f.max_acc_drop),
+        delta=float(f.delta), key=jax.random.fold_in(root, 6),
+    )
+    after = evaluate_model(trained.model, result.state, splits, key=jax.random.fold_in(root, 4))
+    report = {k2: v for k2, v in result.report.items() if k2 != "harmful_ids"}
+    results = {
+        "dataset": splits.name,
+        "rho": splits.info.get("rho"),
+        "model": trained.spec.model,
+        "method": "fmd",
+        "before": {k2: before.get(k2) for k2 in _SUMMARY_KEYS if before.get(k2) is not None},
+        "after": {k2: after.get(k2) for k2 in _SUMMARY_KEYS if after.get(k2) is not None},
+        "debias_seconds": result.report["seconds"]["total"],
+        "train_seconds": trained.results.get("train_seconds"),
+        "num_params_updated": result.report.get("num_params_updated", 0),
+        "num_params_total": count_params(trained.state.params),
+        "external_size": len(external),
+        "fmd": report,
+        "before_full": before,
+        "after_full": after,
+        "config": config.to_dict(),
+    }
+    if workdir is not None:
+        from privdebias_jax.report import write_json
+
+        save_model(Path(workdir) / "model", trained.spec, result.state)
+        write_json(Path(workdir) / "results.json", results)
+    return results

@@ -130,7 +130,7 @@ def self_influence(
     unravel = ravel_pytree(problem.selected)[1]
     out = np.zeros(len(data.y), np.float64)
     for rows, g in iterate_per_example_grads(problem, data, chunk_size):
-        for i, gi in zip(range(rows.start, rows.stop), g):
+        for i, gi in zip(range(rows.start, rows.stop), g, strict=True):
             x, _ = s.solve(state, unravel(gi))
             out[i] = float(gi @ ravel_pytree(x)[0])
     return out
