@@ -74,7 +74,7 @@ def get_fmd_config(dataset: str = "colored-mnist", preset: str = "cpu") -> ml_co
     c.fmd.k = 0
     c.fmd.newton_iterations = 10
     c.fmd.damping = 0.01
-    c.fmd.solver = "linear_head"
+    c.fmd.solver = "cg"
     c.fmd.select = "^head/"
     c.fmd.external_size = 200
     c.fmd.step_sizes = (0.25, 0.5, 1.0)

@@ -267,11 +267,14 @@ def fmd_debias(
         problem = make_problem(loss_fn, work_state.params, train_w, select=work_select, damping=damping,
                                model=work_model, model_state=ms)
         prepared = solver_obj.prepare(problem)
-        grad_b = objective_gradient(problem, make_bias_objective(work_model), (as_batch(ext_w), as_batch(ext_cf)))
-        influence = influence_scores(problem, grad_b, train_w, solver_obj, prepared=prepared)
+        if int(k) < len(train_w):
+            grad_b = objective_gradient(problem, make_bias_objective(work_model), (as_batch(ext_w), as_batch(ext_cf)))
+            influence = influence_scores(problem, grad_b, train_w, solver_obj, prepared=prepared)
+            rows = influence.top_k(k)
+        else:  # every sample is replaced: no ranking needed
+            rows = np.arange(len(train_w))
         t_eval = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows = influence.top_k(k)
         harmful = subset(train_w, rows)
         harmful_raw = subset(train, rows)
         harmful_cf = to_work(counterfactual(harmful_raw, other_attribute(harmful_raw.a, num_attributes, keys[1])))
