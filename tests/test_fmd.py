@@ -1,0 +1,226 @@
+"""FMD (Chen et al. 2023) against independent references: dense Hessians in NumPy, scipy
+minimisation of the modified objective, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from scipy.optimize import minimize
+
+from privdebias_jax.cli import main
+from privdebias_jax.data import colored_mnist, concat, other_attribute, subset
+from privdebias_jax.debias.fmd import (
+    LinearHead,
+    counterfactual_bias_value,
+    drop_ids,
+    fmd_debias,
+    identify_bias,
+    split_external,
+)
+from privdebias_jax.models import create_model
+from privdebias_jax.train import create_train_state, fit, make_optimizer, predict
+from privdebias_jax.types import PrivDebiasError
+
+
+@pytest.fixture(scope="module")
+def trained():
+    splits = colored_mnist(0.95, key=0, image_size=8, train_size=300)
+    external, rest = split_external(splits.test_unbiased, 100, key=1)
+    model = create_model("mlp", 10, hidden=(16,))
+    tx = make_optimizer("adam", 5e-3)
+    state = create_train_state(model, tx, jax.random.key(0), splits.input_shape)
+    state = fit(model, tx, state, splits.train, epochs=15, batch_size=100, key=jax.random.key(1), progress=False).state
+    return splits, external, rest, model, state
+
+
+def _features(model, state, ds):
+    return predict(model, state.params, state.model_state, ds)[1].astype(np.float64)
+
+
+def _head_loss_np(theta, feats, y, c):
+    """Mean cross-entropy of a linear head in NumPy (bias first, then kernel row-major)."""
+    b = theta[:c]
+    w = theta[c:].reshape(feats.shape[1], c)
+    z = feats @ w + b
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    p = np.exp(logp)
+    loss = -np.mean(logp[np.arange(len(y)), y])
+    g = p.copy()
+    g[np.arange(len(y)), y] -= 1.0
+    g /= len(y)
+    grad = np.concatenate([g.sum(0), (feats.T @ g).reshape(-1)])
+    return loss, grad
+
+
+def _head_hessian_np(theta, feats, c):
+    b = theta[:c]
+    w = theta[c:].reshape(feats.shape[1], c)
+    z = feats @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    u = np.concatenate([np.ones((len(feats), 1)), feats], 1)
+    h = np.zeros((u.shape[1] * c, u.shape[1] * c))
+    for ui, pi in zip(u, p, strict=True):
+        h += np.kron(np.outer(ui, ui), np.diag(pi) - np.outer(pi, pi))
+    return h / len(feats)
+
+
+def test_single_newton_step_matches_dense_numpy(trained):
+    splits, external, _, model, state = trained
+    k = 40
+    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train, k=k,
+                     damping=0.05, solver="exact", newton_iterations=1, step_sizes=(1.0,), key=jax.random.key(3))
+    harmful = subset(splits.train, np.flatnonzero(np.isin(splits.train.idx, res.report["harmful_ids"])))
+    # the counterfactual colours are drawn from the same key split as fmd_debias does
+    k1 = jax.random.split(jax.random.key(3), 2)[1]
+    order = np.argsort(-res.influence.scores, kind="stable")[:k]
+    harmful = subset(splits.train, order)
+    harmful_cf = splits.counterfactual(harmful, other_attribute(harmful.a, 10, k1))
+    theta0 = np.asarray(ravel_pytree({"head/bias": state.params["head"]["bias"],
+                                      "head/kernel": state.params["head"]["kernel"]})[0], np.float64)
+    f_train = _features(model, state, splits.train)
+    h = _head_hessian_np(theta0, f_train, 10) + 0.05 * np.eye(theta0.size)
+    g_rm = sum(_head_loss_np(theta0, _features(model, state, subset(harmful, [i])), harmful.y[i:i + 1], 10)[1]
+               for i in range(k))
+    g_add = sum(_head_loss_np(theta0, _features(model, state, subset(harmful_cf, [i])), harmful_cf.y[i:i + 1], 10)[1]
+                for i in range(k))
+    expected = theta0 + np.linalg.solve(h, g_rm - g_add) / len(splits.train)
+    new = res.state.params["head"]
+    got = np.concatenate([np.asarray(new["bias"]), np.asarray(new["kernel"]).reshape(-1)])
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-4)
+    # nothing outside the head changed
+    for a, b in zip(jax.tree.leaves(state.params["dense_0"]), jax.tree.leaves(res.state.params["dense_0"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert res.report["num_params_updated"] == 17 * 10
+
+
+def test_feature_space_path_equals_full_model_path(trained):
+    splits, external, _, model, state = trained
+    kw = dict(mode="train", train=splits.train, k=30, damping=0.1, solver="exact", newton_iterations=2,
+              step_sizes=(1.0,), key=jax.random.key(4))
+    fast = fmd_debias(model, state, external, splits.counterfactual, 10, **kw)
+    slow = fmd_debias(model, state, external, splits.counterfactual, 10, feature_cache=False, **kw)
+    assert fast.report["feature_space"] and not slow.report["feature_space"]
+    np.testing.assert_allclose(np.asarray(fast.state.params["head"]["kernel"]),
+                               np.asarray(slow.state.params["head"]["kernel"]), rtol=1e-3, atol=1e-4)
+    assert fast.report["harmful_ids"] == slow.report["harmful_ids"]
+
+
+def test_iterated_newton_converges_to_retraining_the_head(trained):
+    """Iterated Newton on the counterfactual-replaced set = the head retrained on it (scipy)."""
+    splits, external, _, model, state = trained
+    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train,
+                     k=len(splits.train), damping=0.01, solver="cg", newton_iterations=25, step_sizes=(1.0,),
+                     key=jax.random.key(5))
+    k1 = jax.random.split(jax.random.key(5), 2)[1]
+    cf = splits.counterfactual(splits.train, other_attribute(splits.train.a, 10, k1))
+    feats, y = _features(model, state, cf), np.asarray(cf.y)
+    theta0 = np.concatenate([np.asarray(state.params["head"]["bias"]), np.asarray(state.params["head"]["kernel"]).reshape(-1)]).astype(np.float64)
+    opt = minimize(_head_loss_np, theta0, args=(feats, y, 10), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 5000, "gtol": 1e-10, "ftol": 1e-15})
+    new = res.state.params["head"]
+    got = np.concatenate([np.asarray(new["bias"]), np.asarray(new["kernel"]).reshape(-1)]).astype(np.float64)
+    loss_got = _head_loss_np(got, feats, y, 10)[0]
+    assert loss_got == pytest.approx(opt.fun, abs=2e-3)
+    # same predictions on the test set as the scipy-retrained head
+    ft = _features(model, state, splits.test_unbiased)
+    pred_got = np.argmax(ft @ got[10:].reshape(-1, 10) + got[:10], 1)
+    pred_ref = np.argmax(ft @ opt.x[10:].reshape(-1, 10) + opt.x[:10], 1)
+    assert np.mean(pred_got == pred_ref) >= 0.97
+    hist = res.report["newton_history"]
+    assert hist[-1]["loss"] <= hist[0]["loss"] and all(h["step"] > 0 for h in hist)
+
+
+def test_fmd_lowers_external_bias_and_only_touches_the_head(trained):
+    splits, external, rest, model, state = trained
+    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train,
+                     k=len(splits.train), damping=0.01, solver="cg", newton_iterations=10,
+                     step_sizes=(0.25, 0.5, 1.0), max_acc_drop=0.05, key=jax.random.key(6))
+    assert res.report["bias_external_after"] < res.report["bias_external_before"]
+    cf = splits.counterfactual(rest, other_attribute(rest.a, 10, jax.random.key(9)))
+    assert counterfactual_bias_value(model, res.state.params, {}, rest, cf) < counterfactual_bias_value(
+        model, state.params, {}, rest, cf)
+    np.testing.assert_array_equal(np.asarray(state.params["dense_0"]["kernel"]),
+                                  np.asarray(res.state.params["dense_0"]["kernel"]))
+
+
+def test_external_mode_and_identify(trained):
+    splits, external, _, model, state = trained
+    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="external", damping=0.1,
+                     solver="linear_head", step_sizes=(0.0, 0.5, 1.0), key=jax.random.key(7))
+    assert res.report["mode"] == "external" and res.report["external_size"] == len(external)
+    steps = {c["step"]: c["bias_external"] for c in res.report["candidates"]}
+    assert steps[0.0] == pytest.approx(res.report["bias_external_before"], abs=1e-6)
+    # above the threshold nothing changes
+    unchanged = fmd_debias(model, state, external, splits.counterfactual, 10, delta=1.0)
+    assert unchanged.report["updated"] is False and unchanged.state is state
+    cf = splits.counterfactual(external, other_attribute(external.a, 10))
+    flagged = identify_bias(model, state, {"colour": (external, cf)}, delta=0.01)
+    assert flagged["colour"]["biased"] and flagged["colour"]["bias"] == pytest.approx(
+        counterfactual_bias_value(model, state.params, {}, external, cf))
+    with pytest.raises(PrivDebiasError, match="does not pair"):
+        identify_bias(model, state, {"colour": (external, subset(cf, np.arange(5)))})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="nope"), "unknown FMD mode"),
+        (dict(mode="train"), "needs the training set"),
+        (dict(mode="train", train="TRAIN", k=0), "K must be in"),
+        (dict(mode="train", train="TRAIN", k=10**6), "K must be in"),
+        (dict(damping=0.0), "damping > 0"),
+        (dict(newton_iterations=3), "needs mode='train'"),
+        (dict(newton_iterations=0), "must be ≥ 1"),
+        (dict(step_sizes=()), "step_sizes is empty"),
+    ],
+)
+def test_bad_input(trained, kwargs, message):
+    splits, external, _, model, state = trained
+    if kwargs.get("train") == "TRAIN":
+        kwargs["train"] = splits.train
+    with pytest.raises(PrivDebiasError, match=message):
+        fmd_debias(model, state, external, splits.counterfactual, 10, **kwargs)
+
+
+def test_split_external_and_drop_ids(trained):
+    splits = trained[0]
+    ext, rest = split_external(splits.test, 50, key=0)
+    assert len(ext) == 50 and len(rest) == len(splits.test) - 50
+    assert not set(ext.idx) & set(rest.idx)
+    assert len(drop_ids(splits.test, ext.idx)) == len(rest)
+    with pytest.raises(PrivDebiasError):
+        split_external(splits.test, len(splits.test), key=0)
+    assert len(concat(ext, rest)) == len(splits.test)
+
+
+def test_linear_head_module_matches_model_head(trained):
+    splits, _, _, model, state = trained
+    logits, feats = predict(model, state.params, {}, splits.test)
+    z, _ = LinearHead(10).apply({"params": {"head": state.params["head"]}}, jnp.asarray(feats))
+    np.testing.assert_allclose(np.asarray(z), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_debias_end_to_end(tmp_path):
+    out = tmp_path / "fmd"
+    argv = ["debias", "--dataset", "colored-mnist", "--epochs", "20", "--image-size", "8", "--train-size", "300",
+            "--external-size", "100", "--newton-iterations", "5", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["external_size"] == 100 and res["method"] == "fmd"
+    assert res["num_params_updated"] == 101 * 10  # the 3×100 MLP's head
+    assert res["after"]["counterfactual_bias"] < res["before"]["counterfactual_bias"]
+    assert res["debias_seconds"] > 0 and (out / "model" / "model.json").is_file()
+    # --from a trained directory
+    src = tmp_path / "vanilla"
+    assert main(["train", "--dataset", "colored-mnist", "--epochs", "2", "--image-size", "8", "--train-size", "300",
+                 "--no-progress", "--out", str(src)]) == 0
+    assert main(["debias", "--from", str(src), "--external-size", "100", "--newton-iterations", "2",
+                 "--no-progress", "--out", str(tmp_path / "fmd2")]) == 0
+    assert main(["debias", "--method", "end", "--dataset", "colored-mnist", "--out", str(tmp_path / "x")]) == 2
