@@ -229,9 +229,11 @@ def iterate_per_example_grads(
         stop = min(start + cs, n)
         rows = np.arange(start, start + cs) % n if stop - start < cs else np.arange(start, stop)
         chunk = Batch(*(jnp.asarray(np.asarray(v)[rows]) for v in b))
+        weight = chunk.mask
         chunk = chunk._replace(mask=jnp.ones_like(chunk.mask))
         g = _per_example_flat_grads(problem.loss_fn, sel, problem.frozen, chunk, problem.model_state)
-        yield slice(start, stop), g[: stop - start]
+        # padding rows (mask 0) contribute nothing: their gradients are zeroed
+        yield slice(start, stop), (g * weight[:, None].astype(g.dtype))[: stop - start]
 
 
 def per_example_grads(problem: CurvatureProblem, data: Dataset | Batch, chunk_size: int = 256) -> jax.Array:

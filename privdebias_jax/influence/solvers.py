@@ -24,6 +24,7 @@ residual ``‖H_λ x − v‖ / ‖v‖`` measured with one exact product, secon
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -104,11 +105,16 @@ def _finish(name, problem, v_flat, x_flat, iterations, t0, converged, flags, che
 # --------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_restricted_hessian(loss_fn, selected, frozen, batch, model_state):
+    return dense_hessian(lambda s, fr, b, ms: _restricted_loss(loss_fn, s, fr, b, ms), selected, frozen, batch, model_state)
+
+
 def dense_curvature(problem: CurvatureProblem) -> jax.Array:
     """The undamped curvature matrix ``(P, P)`` of the problem (Hessian or Gauss-Newton)."""
     if problem.curvature == "hessian":
-        f = lambda s, fr, b, ms: _restricted_loss(problem.loss_fn, s, fr, b, ms)  # noqa: E731
-        return jax.jit(dense_hessian, static_argnums=0)(f, problem.selected, problem.frozen, problem.batch, problem.model_state)
+        return _dense_restricted_hessian(problem.loss_fn, problem.selected, problem.frozen, problem.batch,
+                                         problem.model_state)
     return matrix_from_products(problem.undamped_matvec, problem.selected)
 
 
@@ -210,6 +216,15 @@ def linear_head(head: str = "head") -> InverseHVPSolver:
         params = merge_params(problem.selected, problem.frozen)
         logits, feats, _ = apply_model(problem.model, params, problem.model_state or {}, problem.batch.x)
         h = linear_head_hessian(feats, jax.nn.softmax(logits, -1), problem.batch.mask)
+        # The closed form assumes loss_fn is the mean cross-entropy of the head: check one product.
+        probe = jax.random.normal(jax.random.key(0), (h.shape[0],), h.dtype)
+        ref = problem.ravel(problem.undamped_matvec(problem.unravel(probe)))
+        mismatch = float(jnp.linalg.norm(h @ probe - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+        if mismatch > 1e-3:
+            raise PrivDebiasError(
+                f"linear_head: the closed-form head Hessian differs from loss_fn's by {mismatch:.2g} (relative); "
+                "it covers only the mean cross-entropy (a regulariser or another loss needs 'exact' or 'cg')"
+            )
         h = h + problem.damping * jnp.eye(h.shape[0], dtype=h.dtype)
         chol = jnp.linalg.cholesky(h)
         if not bool(jnp.all(jnp.isfinite(chol))):
@@ -366,7 +381,9 @@ def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> In
     eigenpairs of the projected matrix by magnitude, and ``x = U diag(1/(Λ_k + λ)) Uᵀ v``.
 
     Directions outside the top-k eigenspace are dropped (their influence is treated as 0):
-    the approximation the paper makes. ``flags["eigenvalues"]`` lists the kept ones.
+    the approximation the paper makes. ``flags["eigenvalues"]`` lists the kept ones. On a Krylov breakdown (an
+    invariant subspace: repeated eigenvalues, a null space) the iteration restarts from a
+    random vector orthogonal to the basis (``flags["restarts"]``).
     """
     if num_iters < 1 or top_k < 1 or top_k > num_iters:
         raise PrivDebiasError(f"arnoldi needs 1 ≤ top_k ≤ num_iters, got top_k={top_k}, num_iters={num_iters}")
@@ -384,6 +401,8 @@ def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> In
         qmat[0] = q0 / np.linalg.norm(q0)
         hess = np.zeros((m + 1, m), np.float64)
         steps = m
+        restarts = 0
+        rng = np.random.default_rng(int(jax.random.randint(root, (), 0, 2**31 - 1)))
         for j in range(m):
             w = mv(qmat[j])
             coeffs = qmat[: j + 1] @ w
@@ -392,10 +411,21 @@ def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> In
             w = w - qmat[: j + 1].T @ c2
             hess[: j + 1, j] = coeffs + c2
             beta = float(np.linalg.norm(w))
+            if beta < 1e-8 * max(1.0, float(np.abs(hess[: j + 1, j]).max())):
+                # Breakdown: the Krylov space is invariant. Restart from a fresh random vector
+                # orthogonal to the basis (hess[j+1, j] = 0), so repeated eigenvalues and the
+                # null space are reached too.
+                restarts += 1
+                w = rng.standard_normal(p)
+                for _ in range(2):
+                    w = w - qmat[: j + 1].T @ (qmat[: j + 1] @ w)
+                beta_new = float(np.linalg.norm(w))
+                if j + 1 >= p or beta_new < 1e-8:
+                    steps = j + 1
+                    break
+                qmat[j + 1] = w / beta_new
+                continue
             hess[j + 1, j] = beta
-            if beta < 1e-10 * max(1.0, abs(hess[j, j])):
-                steps = j + 1
-                break
             qmat[j + 1] = w / beta
         qmat = qmat[:steps]
         small = hess[:steps, :steps]
@@ -405,7 +435,7 @@ def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> In
         lam, vecs = evals[order], evecs[:, order]
         u = jnp.asarray(qmat.T @ vecs, jnp.float32)
         shifted = lam + problem.damping
-        flags = {"eigenvalues": [float(e) for e in lam], "krylov_steps": steps}
+        flags = {"eigenvalues": [float(e) for e in lam], "krylov_steps": steps, "restarts": restarts}
         if np.any(shifted <= 0):
             flags["nonpositive_kept"] = int(np.sum(shifted <= 0))
             shifted = np.where(shifted <= 0, np.maximum(np.abs(shifted), 1e-8), shifted)
@@ -540,8 +570,8 @@ def kronecker_factored(eigen_corrected: bool = False, fisher: str = "true", chun
                     for p in layers:
                         full, _ = layer_grads(g, p)
                         qa, qg, _ = blocks[p]
-                        rot = np.einsum("ji,bjk,kl->bil", qa, full, qg)
-                        refit[p] = refit[p] + np.einsum("b,bil->il", w_all[rows], rot * rot)
+                        rot = np.einsum("ji,bjk,kl->bil", qa, full, qg, optimize=True)
+                        refit[p] = refit[p] + np.einsum("b,bil->il", w_all[rows], rot * rot, optimize=True)
             for p in layers:
                 blocks[p][2] = refit[p]
         blocks = {p: tuple(jnp.asarray(m, jnp.float32) for m in b) for p, b in blocks.items()}
