@@ -299,6 +299,7 @@ def debias_and_evaluate(
     workdir: str | os.PathLike | None = None,
     *,
     trained: TrainedModel | None = None,
+    external: Dataset | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or take) a vanilla model, debias it with FMD as ``config.fmd`` says, evaluate both.
@@ -307,11 +308,15 @@ def debias_and_evaluate(
     splits before anything is trained or measured. Returns (and writes to
     ``workdir/results.json`` with the debiased model in ``workdir/model``) the before/after
     metrics, FMD's report, debiasing seconds, parameters updated and the external-set size.
+    With both ``trained`` and ``external`` given, ``trained.splits`` must already exclude
+    ``external`` (see :func:`split_for_external`).
     """
     from privdebias_jax.debias.fmd import fmd_debias
 
     root = jax.random.key(int(config.seed))
-    if trained is None:
+    if trained is not None and external is not None:  # the caller already split D_ex off
+        splits = trained.splits
+    elif trained is None:
         splits = load_splits(config)
         external, splits = split_for_external(splits, int(config.fmd.external_size), jax.random.fold_in(root, 5))
         trained = train_and_evaluate(config, None, splits=splits, progress=progress)

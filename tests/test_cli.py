@@ -96,7 +96,7 @@ def test_run_quick_writes_the_results_folder(tmp_path, capsys):
     assert abs(res["data"]["fraction_aligned"] - 0.99) < 0.03
     report = (out / "report.md").read_text()
     assert "accuracy, unbiased test" in report and f"{v['acc_unbiased']:.3f}" in report
-    for fig in ("samples.png", "cell_accuracy.png", "training.png"):
+    for fig in ("samples.png", "cell_accuracy_vanilla.png", "cell_accuracy_fmd.png", "training.png"):
         assert (out / fig).stat().st_size > 1000
     assert "accuracy, unbiased test" in capsys.readouterr().out
 
