@@ -28,9 +28,14 @@ import ml_collections
 import numpy as np
 
 from privdebias_jax import report as rep
-from privdebias_jax.metrics import fairness
 from privdebias_jax.config import get_fmd_config
-from privdebias_jax.pipeline import debias_and_evaluate, load_splits, split_for_external, train_and_evaluate
+from privdebias_jax.metrics import fairness
+from privdebias_jax.pipeline import (
+    debias_and_evaluate,
+    load_splits,
+    split_for_external,
+    train_and_evaluate,
+)
 from privdebias_jax.train import evaluate
 
 
