@@ -12,7 +12,8 @@ The pieces, smallest first:
   whole number of scan chunks train exactly like unpadded ones). The step is pure: the
   caller jits it.
 * :func:`make_epoch_fn`: ``jax.lax.scan`` of the step over stacked batches.
-* :func:`fit`: epochs of shuffled batches (keys ``fold_in(key, epoch)``), progress bar,
+* :func:`fit`: epochs of shuffled batches (keys ``fold_in(key, epoch)``; one jitted call per
+  batch by default, optionally scanned), progress bar,
   checkpoint after every epoch, resume from the newest checkpoint. Deterministic given the key:
   an interrupted and resumed run ends with the same parameters as an uninterrupted one.
 * :func:`predict` / :func:`evaluate`: fixed-shape batches; ``evaluate`` accumulates the
@@ -254,9 +255,12 @@ def fit(
 ) -> FitResult:
     """Train ``state`` for ``epochs`` epochs of shuffled batches of ``train_set``.
 
-    Epoch ``e`` shuffles with ``fold_in(key, e)``; batches are scanned ``steps_per_call`` at a
-    time under one jit (the whole epoch when None; the last chunk is padded with empty
-    batches, which do not change the state). With ``checkpoint_dir``, the state is saved after
+    Epoch ``e`` shuffles with ``fold_in(key, e)``. With ``steps_per_call`` None or 1 every batch
+    is one call of the jitted step (state buffers donated): the fastest here, since XLA's CPU
+    convolutions run ~10× slower inside a ``lax.scan`` (measured: small CNN at 14×14, 630 vs
+    7,200 examples/s). With ``steps_per_call = k > 1`` batches are scanned ``k`` at a time under
+    one jit (the last chunk padded with empty batches, which do not change the state); both
+    give the same parameters. With ``checkpoint_dir``, the state is saved after
     every epoch as checkpoint ``e + 1``; with ``resume`` an existing newest checkpoint is
     restored and training continues from the epoch after it; without ``resume`` existing
     checkpoints in ``checkpoint_dir`` are deleted first (a fresh run). ``epochs = 0`` returns
@@ -284,7 +288,13 @@ def fit(
         state = ckpt.restore_checkpoint(checkpoint_dir, state, start_epoch)
     elif checkpoint_dir is not None:
         ckpt.clear_checkpoints(checkpoint_dir)  # a fresh run: never resume from an older one's state
-    epoch_fn = jax.jit(make_epoch_fn(make_train_step(model, tx, loss=loss, regularizer=regularizer)))
+    train_step = make_train_step(model, tx, loss=loss, regularizer=regularizer)
+    per_batch = steps_per_call is None or int(steps_per_call) <= 1
+    if per_batch:
+        step_fn = jax.jit(train_step, donate_argnums=0)
+        state = jax.tree_util.tree_map(jnp.copy, state)  # donation must not invalidate the caller's state
+    else:
+        epoch_fn = jax.jit(make_epoch_fn(train_step))
     history: list[dict[str, float]] = []
     bar = None
     if progress and epochs > start_epoch:
@@ -296,14 +306,21 @@ def fit(
         ekey = jax.random.fold_in(key, epoch)
         batches = stack_batches(train_set, batch_size, jax.random.fold_in(ekey, 0))
         nb = batches.mask.shape[0]
-        chunk = nb if steps_per_call is None else max(1, min(int(steps_per_call), nb))
-        batches = _pad_batches(batches, chunk)
         step_key = jax.random.fold_in(ekey, 1)
-        sums = np.zeros(4)
-        for c in range(math.ceil(nb / chunk)):
-            part = Batch(*(v[c * chunk : (c + 1) * chunk] for v in batches))
-            state, metrics = epoch_fn(state, part, step_key)
-            sums += np.array([float(m) for m in metrics])
+        totals = None
+        if per_batch:
+            device_batches = Batch(*(jnp.asarray(v) for v in batches))
+            for i in range(nb):
+                state, metrics = step_fn(state, Batch(*(v[i] for v in device_batches)), step_key)
+                totals = metrics if totals is None else jax.tree_util.tree_map(jnp.add, totals, metrics)
+        else:
+            chunk = max(1, min(int(steps_per_call), nb))
+            batches = _pad_batches(batches, chunk)
+            for c in range(math.ceil(nb / chunk)):
+                part = Batch(*(v[c * chunk : (c + 1) * chunk] for v in batches))
+                state, metrics = epoch_fn(state, part, step_key)
+                totals = metrics if totals is None else jax.tree_util.tree_map(jnp.add, totals, metrics)
+        sums = np.array([float(m) for m in totals])
         row = {
             "epoch": epoch + 1,
             "loss": sums[0] / max(sums[3], 1.0),
@@ -316,8 +333,8 @@ def fit(
         history.append(row)
         if checkpoint_dir is not None:
             ckpt.save_checkpoint(checkpoint_dir, epoch + 1, state, max_to_keep=max_to_keep, overwrite=True)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, state, row)
+        if on_epoch_end is not None:  # a copy: the next step donates the live state's buffers
+            on_epoch_end(epoch + 1, jax.tree_util.tree_map(jnp.copy, state) if per_batch else state, row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}")
             bar.update(1)
