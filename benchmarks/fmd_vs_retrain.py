@@ -7,8 +7,9 @@
    the counterfactual bias / unbiased accuracy it reaches.
 3. Retrain the same architecture from scratch with counterfactual data augmentation (every
    training image recoloured uniformly at random: the colour shortcut is gone) and record,
-   after every epoch, the wall time spent training and the bias reached. The retraining time
-   is the time of the first epoch whose bias is ≤ FMD's (or the whole run, flagged, if none).
+   after every epoch, the wall time spent training, the bias and the unbiased accuracy. The
+   retraining time is that of the first epoch with bias ≤ FMD's *and* unbiased accuracy ≥
+   FMD's (or the whole run, flagged, if none).
 
 Ratio = retraining seconds / FMD seconds. Targets (issue): ≥ 50× with the CNN, bias cut by
 ≥ 50%, unbiased accuracy within 2 points of vanilla or better.
@@ -108,7 +109,10 @@ def main(argv=None) -> dict:
     fit(model, tx, state, cda, epochs=int(c.epochs), batch_size=int(c.batch_size), key=jax.random.fold_in(root, 3),
         progress=False, on_epoch_end=on_epoch)
     target = after["counterfactual_bias"]
-    reached = [e for e in epochs_log if e["counterfactual_bias"] <= target]
+    # "as good as FMD": bias no higher AND unbiased accuracy no lower (a barely trained model
+    # has near-zero bias by predicting almost uniformly, so bias alone would be gamed)
+    reached = [e for e in epochs_log
+               if e["counterfactual_bias"] <= target and e["acc_unbiased"] >= after["acc_unbiased"]]
     retrain_seconds = reached[0]["train_seconds"] if reached else epochs_log[-1]["train_seconds"]
     payload = {
         "benchmark": "fmd_vs_retrain",
@@ -133,7 +137,7 @@ def main(argv=None) -> dict:
     }
     write_result(args.out, payload)
     print(f"FMD {fmd_cold:.2f}s cold / {fmd_warm:.2f}s warm; retraining to bias ≤ {target:.3f}: "
-          f"{retrain_seconds:.1f}s ({'reached' if reached else 'NOT reached'}); ratio {payload['ratio_retrain_over_fmd_cold']:.1f}× "
+          f"{retrain_seconds:.1f}s ({'reached' if reached else 'NOT reached'}, also unbiased acc ≥ {after['acc_unbiased']:.3f}); ratio {payload['ratio_retrain_over_fmd_cold']:.1f}× "
           f"(warm {payload['ratio_retrain_over_fmd_warm']:.1f}×); bias cut {100 * payload['bias_reduction']:.0f}%, "
           f"unbiased accuracy {before['acc_unbiased']:.3f} → {after['acc_unbiased']:.3f}")
     print(f"wrote {args.out}")
