@@ -298,6 +298,24 @@ def cg(tol: float = 1e-6, maxiter: int = 200) -> InverseHVPSolver:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _lissa_run(loss_fn, curv, n, bs, depth, scale, selected, frozen, batch, model_state, v_flat, key, damping):
+    """``depth`` LiSSA steps under one jit (compiled once per loss, sizes and settings)."""
+    from privdebias_jax.influence.problem import _damped_hvp
+
+    unravel = ravel_pytree(selected)[1]
+
+    def body(h, kk):
+        rows = jax.random.choice(kk, n, (bs,), replace=False) if bs < n else jnp.arange(n)
+        mb = jax.tree_util.tree_map(lambda a: a[rows], batch)
+        hv = ravel_pytree(_damped_hvp(loss_fn, curv, damping, selected, frozen, mb, model_state, unravel(h)))[0]
+        new = v_flat + h - hv / scale
+        return new, jnp.linalg.norm(new)
+
+    h, norms = jax.lax.scan(body, v_flat, jax.random.split(key, depth))
+    return h / scale, norms
+
+
 def lissa(
     scale: float = 10.0,
     depth: int = 1000,
@@ -322,26 +340,13 @@ def lissa(
     def prepare(problem: CurvatureProblem):
         n = int(problem.batch.y.shape[0])
         bs = n if batch_size is None else min(int(batch_size), n)
-        loss_fn, frozen, model_state, damping = problem.loss_fn, problem.frozen, problem.model_state, problem.damping
-        curv = problem._curvature_fn()
-
-        from privdebias_jax.influence.problem import _damped_hvp
 
         def run(selected, batch, v_flat, k):
-            unravel = ravel_pytree(selected)[1]
+            return _lissa_run(problem.loss_fn, problem._curvature_fn(), n, bs, int(depth), float(scale),
+                              selected, problem.frozen, batch, problem.model_state, v_flat, k,
+                              jnp.asarray(problem.damping, jnp.float32))
 
-            def body(h, kk):
-                rows = jax.random.choice(kk, n, (bs,), replace=False) if bs < n else jnp.arange(n)
-                mb = jax.tree_util.tree_map(lambda a: a[rows], batch)
-                hv = ravel_pytree(_damped_hvp(loss_fn, curv, jnp.asarray(damping, jnp.float32), selected,
-                                              frozen, mb, model_state, unravel(h)))[0]
-                new = v_flat + h - hv / scale
-                return new, jnp.linalg.norm(new)
-
-            h, norms = jax.lax.scan(body, v_flat, jax.random.split(k, depth))
-            return h / scale, norms
-
-        return {"problem": problem, "run": jax.jit(run)}
+        return {"problem": problem, "run": run}
 
     def solve(state, v):
         t0 = time.perf_counter()
@@ -570,7 +575,7 @@ def kronecker_factored(eigen_corrected: bool = False, fisher: str = "true", chun
                     for p in layers:
                         full, _ = layer_grads(g, p)
                         qa, qg, _ = blocks[p]
-                        rot = np.einsum("ji,bjk,kl->bil", qa, full, qg, optimize=True)
+                        rot = np.matmul(np.matmul(qa.T, full), qg)  # Q_Aᵀ Ĝ Q_G per example
                         refit[p] = refit[p] + np.einsum("b,bil->il", w_all[rows], rot * rot, optimize=True)
             for p in layers:
                 blocks[p][2] = refit[p]
