@@ -77,7 +77,7 @@ def get_fmd_config(dataset: str = "colored-mnist", preset: str = "cpu") -> ml_co
     c.fmd.solver = "cg"
     c.fmd.select = "^head/"
     c.fmd.external_size = 200
-    c.fmd.step_sizes = (0.25, 0.5, 1.0)
+    c.fmd.step_sizes = (0.0625, 0.125, 0.25, 0.5, 1.0)
     c.fmd.max_acc_drop = 0.05
     c.fmd.delta = 0.0
     return c

@@ -181,8 +181,10 @@ def fmd_debias(
         re-evaluated at each iterate, Armijo line search, Levenberg-Marquardt damping), which
         converges to retraining the subset on the modified data: beyond the paper, useful
         when one step is too short.
-      step_sizes: multipliers ``m`` of the Newton step tried; the one with the lowest external
-        bias among those whose external accuracy drops by at most ``max_acc_drop`` is kept.
+      step_sizes: multipliers ``m`` of the Newton step tried, besides ``m = 0`` (the model as it
+        was); the one with the lowest external bias among those whose external accuracy drops
+        by at most ``max_acc_drop`` is kept, so a step that wrecks accuracy is never taken
+        (``report["kept_original"]`` says when no step qualified).
       delta: fairness threshold of step 1; with ``B ≤ δ`` the model is returned unchanged.
       key: draws the counterfactual attribute values (a fixed cyclic shift when None).
       loss_fn: the training loss (default: mean cross-entropy of the model).
@@ -300,14 +302,14 @@ def fmd_debias(
         update = newton_update(problem, ext_w, ext_cf, solver=solver_obj, prepared=prepared)
     # choose the step on the external set
     candidates = []
-    for m in step_sizes:
+    for m in sorted({0.0, *(float(x) for x in step_sizes)}):  # step 0 = keep the model
         sel = jax.tree_util.tree_map(lambda p, d, m=m: p + m * d, problem.selected, update.delta)
         params = problem.with_selected(sel)
         b = counterfactual_bias_value(work_model, params, ms, ext_w, ext_cf)
         acc = _accuracy(work_model, params, ms, ext_w)
         candidates.append({"step": float(m), "bias_external": b, "acc_external": acc, "params": params})
-    ok = [c for c in candidates if c["acc_external"] >= acc_before - max_acc_drop]
-    best = min(ok or candidates, key=lambda c: c["bias_external"])
+    ok = [c for c in candidates if c["acc_external"] >= acc_before - max_acc_drop]  # never empty: step 0
+    best = min(ok, key=lambda c: (c["bias_external"], c["step"]))
     new_params = best["params"]
     if fast:
         new_params = {**state.params, "head": new_params["head"]}
@@ -317,7 +319,7 @@ def fmd_debias(
     report.update(
         updated=True,
         step=best["step"],
-        step_within_accuracy_budget=bool(ok),
+        kept_original=best["step"] == 0.0,
         bias_external_after=best["bias_external"],
         acc_external_after=best["acc_external"],
         candidates=[{k2: v for k2, v in c.items() if k2 != "params"} for c in candidates],
