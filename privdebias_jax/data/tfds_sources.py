@@ -206,6 +206,29 @@ def _read_split(
     return np.concatenate(xs, axis=0), ys, as_, ids
 
 
+def _splits(
+    name: str,
+    train: tuple[Any, Any, Any],
+    test: tuple[Any, Any, Any],
+    num_classes: int,
+    num_attributes: int,
+    info: dict,
+) -> DataSplits:
+    """Validated train/test datasets (ids: train ``0..n−1``, test continuing) without counterfactuals."""
+    n_tr = len(train[1])
+    checks = {"num_classes": num_classes, "num_attributes": num_attributes}
+    return DataSplits(
+        name=name,
+        train=make_dataset(*train, np.arange(n_tr), name=f"{name}/train", **checks),
+        test=make_dataset(*test, np.arange(n_tr, n_tr + len(test[1])), name=f"{name}/test", **checks),
+        test_unbiased=None,
+        num_classes=num_classes,
+        num_attributes=num_attributes,
+        counterfactual=None,
+        info=info,
+    )
+
+
 def load_cifar10(
     split_train: str = "train",
     split_test: str = "test",
@@ -256,20 +279,12 @@ def load_cifar10(
     x_te, y_te, a_te, id_te = _read_split(
         "cifar10", split_test, data_dir, max_examples, image_size, fields, download
     )
-    n_tr = len(y_tr)
-    checks = {"num_classes": len(CIFAR10_CLASSES), "num_attributes": 1}
-    train = make_dataset(x_tr, y_tr, a_tr, np.arange(n_tr), name="cifar10/train", **checks)
-    test = make_dataset(
-        x_te, y_te, a_te, np.arange(n_tr, n_tr + len(y_te)), name="cifar10/test", **checks
-    )
-    return DataSplits(
-        name="cifar10",
-        train=train,
-        test=test,
-        test_unbiased=None,
+    return _splits(
+        "cifar10",
+        (x_tr, y_tr, a_tr),
+        (x_te, y_te, a_te),
         num_classes=len(CIFAR10_CLASSES),
         num_attributes=1,
-        counterfactual=None,
         info={
             "classes": list(CIFAR10_CLASSES),
             "attribute": "none",
@@ -348,20 +363,12 @@ def load_celeba(
     x_te, y_te, a_te, _ = _read_split(
         "celeb_a", split_test, data_dir, max_test, image_size, fields, download
     )
-    n_tr = len(y_tr)
-    checks = {"num_classes": 2, "num_attributes": 2}
-    train = make_dataset(x_tr, y_tr, a_tr, np.arange(n_tr), name="celeba/train", **checks)
-    test = make_dataset(
-        x_te, y_te, a_te, np.arange(n_tr, n_tr + len(y_te)), name="celeba/test", **checks
-    )
-    return DataSplits(
-        name="celeba",
-        train=train,
-        test=test,
-        test_unbiased=None,
+    return _splits(
+        "celeba",
+        (x_tr, y_tr, a_tr),
+        (x_te, y_te, a_te),
         num_classes=2,
         num_attributes=2,
-        counterfactual=None,
         info={
             "target": target,
             "attribute": attribute,
