@@ -36,7 +36,7 @@ import optax
 from flax import struct
 
 from privdebias_jax import checkpoint as ckpt
-from privdebias_jax.data.dataset import Batch, Dataset, stack_batches
+from privdebias_jax.data.dataset import Batch, Dataset, num_batches, stack_batches
 from privdebias_jax.metrics import fairness
 from privdebias_jax.models import init_model
 from privdebias_jax.types import ModelState, Params, PrivDebiasError, PRNGKey
@@ -255,12 +255,13 @@ def fit(
 ) -> FitResult:
     """Train ``state`` for ``epochs`` epochs of shuffled batches of ``train_set``.
 
-    Epoch ``e`` shuffles with ``fold_in(key, e)``. With ``steps_per_call`` None or 1 every batch
-    is one call of the jitted step (state buffers donated): the fastest here, since XLA's CPU
-    convolutions run ~10× slower inside a ``lax.scan`` (measured: small CNN at 14×14, 630 vs
-    7,200 examples/s). With ``steps_per_call = k > 1`` batches are scanned ``k`` at a time under
-    one jit (the last chunk padded with empty batches, which do not change the state); both
-    give the same parameters. With ``checkpoint_dir``, the state is saved after
+    Epoch ``e`` shuffles with ``fold_in(key, e)``. With ``steps_per_call = 1`` every batch is one
+    call of the jitted step (state buffers donated); with ``k > 1`` batches are scanned ``k`` at
+    a time under one jit (the last chunk padded with empty batches, which do not change the
+    state); both give the same parameters up to float rounding. ``None`` picks by measurement
+    (``benchmarks/fit_loop.py``, 2 CPU cores): one call per batch for models with convolution
+    kernels (XLA's CPU convolutions run 11–15× slower inside ``lax.scan``), the whole epoch in
+    one scan otherwise (1.45× faster than the loop for the 3×100 MLP). With ``checkpoint_dir``, the state is saved after
     every epoch as checkpoint ``e + 1``; with ``resume`` an existing newest checkpoint is
     restored and training continues from the epoch after it; without ``resume`` existing
     checkpoints in ``checkpoint_dir`` are deleted first (a fresh run). ``epochs = 0`` returns
@@ -289,7 +290,11 @@ def fit(
     elif checkpoint_dir is not None:
         ckpt.clear_checkpoints(checkpoint_dir)  # a fresh run: never resume from an older one's state
     train_step = make_train_step(model, tx, loss=loss, regularizer=regularizer)
-    per_batch = steps_per_call is None or int(steps_per_call) <= 1
+    if steps_per_call is None:  # auto: measured in benchmarks/fit_loop.py
+        has_conv = any(np.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(state.params))
+        per_batch = has_conv
+        steps_per_call = 1 if has_conv else num_batches(len(train_set), int(batch_size))
+    per_batch = int(steps_per_call) <= 1
     if per_batch:
         step_fn = jax.jit(train_step, donate_argnums=0)
         state = jax.tree_util.tree_map(jnp.copy, state)  # donation must not invalidate the caller's state
