@@ -1,4 +1,4 @@
-"""Training: a pure, jit-able train step (optax), a fit loop that scans over batches,
+"""Training: a pure, jit-able train step (optax), a fit loop (scanned or per-batch, chosen by measurement),
 a regulariser hook, evaluation by accumulated counts, and resumable orbax checkpoints.
 
 The pieces, smallest first:
@@ -12,8 +12,8 @@ The pieces, smallest first:
   whole number of scan chunks train exactly like unpadded ones). The step is pure: the
   caller jits it.
 * :func:`make_epoch_fn`: ``jax.lax.scan`` of the step over stacked batches.
-* :func:`fit`: epochs of shuffled batches (keys ``fold_in(key, epoch)``; one jitted call per
-  batch by default, optionally scanned), progress bar,
+* :func:`fit`: epochs of shuffled batches (keys ``fold_in(key, epoch)``; a scan over the
+  epoch for convolution-free models, one jitted call per batch for CNNs), progress bar,
   checkpoint after every epoch, resume from the newest checkpoint. Deterministic given the key:
   an interrupted and resumed run ends with the same parameters as an uninterrupted one.
 * :func:`predict` / :func:`evaluate`: fixed-shape batches; ``evaluate`` accumulates the
