@@ -139,17 +139,13 @@ def _cmd_debias(args: argparse.Namespace) -> int:
             config[field] = saved[field]
         model, state, spec = load_model(src / "model")
         trained = TrainedModel(model, state, spec, load_splits(config), {})
-        args.dataset = config.dataset
+    elif args.config or args.dataset:
+        base = config_from_args(args)
+        config = get_fmd_config(base.dataset, args.preset)
+        for field in base:
+            config[field] = base[field]
     else:
-        config = None
-    if config is None:
-        if args.config or args.dataset:
-            base = config_from_args(args)
-            config = get_fmd_config(base.dataset, args.preset)
-            for field in base:
-                config[field] = base[field]
-        else:
-            raise PrivDebiasError("--dataset, --config or --from is required")
+        raise PrivDebiasError("--dataset, --config or --from is required")
     overrides = {
         "mode": args.mode, "k": args.k, "newton_iterations": args.newton_iterations, "damping": args.damping,
         "solver": args.solver, "select": args.select, "external_size": args.external_size,

@@ -191,13 +191,16 @@ def evaluate_model(
 
 @dataclasses.dataclass
 class TrainedModel:
-    """The outcome of :func:`train_and_evaluate`."""
+    """The outcome of :func:`train_and_evaluate`: ``evaluation`` is :func:`evaluate_model` of the
+    trained model on ``splits``; ``results`` adds the training record to it (``None`` /
+    ``{}`` for a model loaded from disk and not evaluated yet)."""
 
     model: nn.Module
     state: TrainState
     spec: ModelSpec
     splits: DataSplits
     results: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
 
 
 def train_and_evaluate(
@@ -240,7 +243,8 @@ def train_and_evaluate(
     )
     jax.block_until_ready(result.state.params)
     train_seconds = time.perf_counter() - t1
-    results = evaluate_model(model, result.state, splits, key=jax.random.fold_in(root, 4))
+    evaluation = evaluate_model(model, result.state, splits, key=jax.random.fold_in(root, 4))
+    results = dict(evaluation)
     results.update(
         dataset=splits.name,
         rho=splits.info.get("rho"),
@@ -256,7 +260,7 @@ def train_and_evaluate(
     )
     if workdir is not None:
         save_model(Path(workdir) / "model", spec, result.state)
-    return TrainedModel(model, result.state, spec, splits, results)
+    return TrainedModel(model, result.state, spec, splits, results, evaluation)
 
 
 __all__ = [
@@ -322,9 +326,10 @@ def debias_and_evaluate(
         trained = train_and_evaluate(config, None, splits=splits, progress=progress)
     else:
         external, splits = split_for_external(trained.splits, int(config.fmd.external_size), jax.random.fold_in(root, 5))
-        trained = dataclasses.replace(trained, splits=splits)
-        trained.results = evaluate_model(trained.model, trained.state, splits, key=jax.random.fold_in(root, 4))
-    before = evaluate_model(trained.model, trained.state, splits, key=jax.random.fold_in(root, 4))
+        trained = dataclasses.replace(trained, splits=splits, evaluation=None)
+    before = trained.evaluation
+    if before is None:  # a model loaded from disk: evaluate it on the splits without D_ex
+        before = evaluate_model(trained.model, trained.state, splits, key=jax.random.fold_in(root, 4))
     if splits.counterfactual is None:
         raise PrivDebiasError(f"FMD needs counterfactuals; dataset {splits.name!r} has none")
     f = config.fmd

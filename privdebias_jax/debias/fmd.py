@@ -120,8 +120,13 @@ def rank_harmful(
     loss_fn = loss_fn or make_loss_fn(model)
     problem = make_problem(loss_fn, state.params, train, select=select, damping=damping, model=model,
                            model_state=state.model_state)
+    return _bias_influence(problem, model, train, external, external_cf, make_solver(solver, **(solver_options or {})))
+
+
+def _bias_influence(problem, model, train, external, external_cf, solver_obj, prepared=None) -> InfluenceResult:
+    """``I(z) = −∇Bᵀ H⁻¹ ∇ℓ(z)`` for every sample of ``train`` (the bias on the external pairs)."""
     grad_b = objective_gradient(problem, make_bias_objective(model), (as_batch(external), as_batch(external_cf)))
-    return influence_scores(problem, grad_b, train, solver, solver_options)
+    return influence_scores(problem, grad_b, train, solver_obj, prepared=prepared)
 
 
 @dataclasses.dataclass
@@ -271,8 +276,7 @@ def fmd_debias(
                                model=work_model, model_state=ms)
         prepared = solver_obj.prepare(problem)
         if int(k) < len(train_w):
-            grad_b = objective_gradient(problem, make_bias_objective(work_model), (as_batch(ext_w), as_batch(ext_cf)))
-            influence = influence_scores(problem, grad_b, train_w, solver_obj, prepared=prepared)
+            influence = _bias_influence(problem, work_model, train_w, ext_w, ext_cf, solver_obj, prepared)
             rows = influence.top_k(k)
         else:  # every sample is replaced: no ranking needed
             rows = np.arange(len(train_w))

@@ -38,14 +38,10 @@ from privdebias_jax.influence.problem import (
     _restricted_loss,
     iterate_per_example_grads,
 )
-from privdebias_jax.influence.solvers import Diagnostics, InverseHVPSolver, make_solver
+from privdebias_jax.influence.solvers import Diagnostics, InverseHVPSolver, as_solver
 from privdebias_jax.types import Params, PrivDebiasError
 
 Tree = Any
-
-
-def _solver(solver: str | InverseHVPSolver, options: dict | None) -> InverseHVPSolver:
-    return make_solver(solver, **(options or {})) if isinstance(solver, str) else solver
 
 
 def objective_gradient(
@@ -102,7 +98,7 @@ def influence_scores(
     state from ``solver.prepare(problem)`` to reuse (FMD calls it for several objectives).
     """
     t0 = time.perf_counter()
-    s = _solver(solver, solver_options)
+    s = as_solver(solver, solver_options)
     state = prepared if prepared is not None else s.prepare(problem)
     ihvp, diag = s.solve(state, objective_grad)
     sf = ravel_pytree(ihvp)[0]
@@ -125,7 +121,7 @@ def self_influence(
     One inverse-HVP per example: cheap with ``exact``/``linear_head``/``kfac``/``ekfac``/``arnoldi``
     (a prepared factorisation), one full solve each with ``cg``/``lissa``.
     """
-    s = _solver(solver, solver_options)
+    s = as_solver(solver, solver_options)
     state = s.prepare(problem)
     unravel = ravel_pytree(problem.selected)[1]
     out = np.zeros(len(data.y), np.float64)
@@ -185,7 +181,7 @@ def newton_update(
     rm = None if remove is None or len(remove.y) == 0 else remove
     ad = None if add is None or len(add.y) == 0 else add
     rhs = summed_gradient(problem, rm, chunk_size) - summed_gradient(problem, ad, chunk_size)
-    s = _solver(solver, solver_options)
+    s = as_solver(solver, solver_options)
     state = prepared if prepared is not None else s.prepare(problem)
     x, diag = s.solve(state, problem.unravel(rhs))
     c = (1.0 / problem.num_examples) if scale is None else float(scale)

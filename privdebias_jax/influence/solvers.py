@@ -38,6 +38,7 @@ from privdebias_jax.influence.hvp import dense_hessian, matrix_from_products
 from privdebias_jax.influence.params import merge_params
 from privdebias_jax.influence.problem import (
     CurvatureProblem,
+    _damped_hvp,
     _restricted_loss,
     iterate_per_example_grads,
 )
@@ -92,7 +93,7 @@ def _finish(name, problem, v_flat, x_flat, iterations, t0, converged, flags, che
         r = problem.ravel(problem.matvec(x)) - v_flat
         residual = float(jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(v_flat), 1e-30))
     else:
-        residual = float("nan") if not finite else float("nan")
+        residual = float("nan")
     flags = dict(flags)
     if not finite:
         flags["non_finite"] = True
@@ -301,8 +302,6 @@ def cg(tol: float = 1e-6, maxiter: int = 200) -> InverseHVPSolver:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _lissa_run(loss_fn, curv, n, bs, depth, scale, selected, frozen, batch, model_state, v_flat, key, damping):
     """``depth`` LiSSA steps under one jit (compiled once per loss, sizes and settings)."""
-    from privdebias_jax.influence.problem import _damped_hvp
-
     unravel = ravel_pytree(selected)[1]
 
     def body(h, kk):
@@ -643,9 +642,14 @@ def make_solver(name: str, **options: Any) -> InverseHVPSolver:
         raise PrivDebiasError(f"bad options for solver {name!r}: {err}") from err
 
 
+def as_solver(solver: str | InverseHVPSolver, options: dict | None = None) -> InverseHVPSolver:
+    """``solver`` itself, or :func:`make_solver` of a name with ``options``."""
+    return make_solver(solver, **(options or {})) if isinstance(solver, str) else solver
+
+
 def inverse_hvp(problem: CurvatureProblem, v: Tree, solver: str | InverseHVPSolver = "cg", **options: Any) -> tuple[Tree, Diagnostics]:
     """One-shot ``H_λ⁻¹ v``: ``make_solver(solver, **options)``, ``prepare``, ``solve``."""
-    s = make_solver(solver, **options) if isinstance(solver, str) else solver
+    s = as_solver(solver, options)
     return s.solve(s.prepare(problem), v)
 
 
@@ -654,6 +658,7 @@ __all__ = [
     "InverseHVPSolver",
     "SOLVERS",
     "make_solver",
+    "as_solver",
     "inverse_hvp",
     "dense_curvature",
     "linear_head_hessian",
