@@ -1,0 +1,683 @@
+"""SISA training and exact forgetting: all shards as one vmapped program, checkpoints per slice.
+
+Bourtoule et al., "Machine Unlearning" (IEEE S&P 2021); the distributed step-wise unlearning
+of "Privacy-Preserving Debiasing using Data Augmentation and Machine Unlearning" (2024).
+
+**Training.** Shard ``s`` is trained in ``R`` *stages*: stage ``t`` trains on its slices
+``0..t`` for ``e_t`` epochs (SISA's incremental training; :func:`sisa_epochs` gives
+Bourtoule et al.'s ``e_t = ⌈2E/(R+1)⌉``, which makes a shard's total work that of ``E`` epochs
+on its data), starting from the state after stage ``t−1``; the state after every stage is
+checkpointed (orbax), and so is the initial state (checkpoint 0). All shards of a stage run in
+one ``jax.jit(jax.vmap(...))`` program over a stacked shard axis: the whole stage (every
+epoch's shuffle and every batch) is one call (``layout="scan"``), or one call per batch for
+convolutional models (``layout="loop"``: XLA's CPU convolutions are many times slower inside
+``lax.scan``). With several devices the shard axis is split over a ``Mesh`` with
+``jax.shard_map``.
+
+**Program width.** A program trains exactly ``W`` shard lanes (``program_width``, default
+``S``); a group with fewer shards is padded with dummy lanes. Every shard is therefore always
+trained by the *same* compiled program, which is what makes forgetting bitwise exact on CPU
+(XLA's results depend on the vmapped width). Smaller ``W`` makes a deletion cheaper (it
+retrains ``W`` lanes, not ``S``); larger ``W`` trains faster on accelerators.
+
+**Forgetting.** :meth:`SISAModel.forget` records the ids in the :class:`Ledger` (atomically,
+before anything else), restores each affected shard from the checkpoint before its earliest
+affected slice, retrains the remaining stages without the forgotten samples (affected shards
+together, ``W`` per program), overwrites their later checkpoints and marks the request done.
+Unaffected shards are neither recomputed nor rewritten. Every shard's randomness depends
+only on ``(key, shard, stage, epoch)`` and on which of its samples are alive, so a forgotten
+shard equals, bit for bit, the shard trained from scratch without those ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from privdebias_jax import checkpoint as ckpt
+from privdebias_jax.data.dataset import Batch, Dataset
+from privdebias_jax.train import StepMetrics, TrainState, create_train_state, make_train_step
+from privdebias_jax.types import PrivDebiasError, PRNGKey
+from privdebias_jax.unlearn.ledger import Ledger, atomic_write_json
+from privdebias_jax.unlearn.plan import PADDING_ID, ShardPlan
+
+SHARD_AXIS = "shards"
+LAYOUTS = ("auto", "scan", "loop")
+
+
+def sisa_epochs(total_epochs: int, num_slices: int) -> tuple[int, ...]:
+    """Bourtoule et al.'s per-stage epochs ``e_t = ⌈2E / (R + 1)⌉`` for every stage ``t``.
+
+    Stage ``t`` sees ``(t+1)/R`` of the shard, so the shard's total work is
+    ``Σ_t e_t (t+1)/R ≈ E`` epochs over its data, the same as training it on everything at once.
+    """
+    if int(total_epochs) < 1 or int(num_slices) < 1:
+        raise PrivDebiasError(
+            f"total_epochs and num_slices must be at least 1, got {total_epochs}, {num_slices}"
+        )
+    return (max(1, math.ceil(2 * int(total_epochs) / (int(num_slices) + 1))),) * int(num_slices)
+
+
+@dataclasses.dataclass(frozen=True)
+class SISAConfig:
+    """Training settings of a SISA model (part of its checkpoint directory's identity).
+
+    Attributes:
+      epochs_per_slice: epochs of stage ``t`` (one entry per slice), see :func:`sisa_epochs`.
+      batch_size: batch size inside a shard.
+      program_width: shard lanes per compiled program ``W`` (``None`` → ``S``).
+      layout: ``scan`` (a stage is one call), ``loop`` (one call per batch) or ``auto`` (``loop``
+        for models with convolution kernels, ``scan`` otherwise; measured in
+        ``benchmarks/fit_loop.py``).
+    """
+
+    epochs_per_slice: tuple[int, ...]
+    batch_size: int = 64
+    program_width: int | None = None
+    layout: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epochs_per_slice": list(self.epochs_per_slice),
+            "batch_size": self.batch_size,
+            "program_width": self.program_width,
+            "layout": self.layout,
+        }
+
+
+@dataclasses.dataclass
+class RetrainCost:
+    """What one (re)training pass computed.
+
+    Attributes:
+      seconds: wall time, of which ``restore_seconds`` / ``save_seconds`` went to checkpoints.
+      shards: the shards retrained, with the stage each started from (``{shard: stage}``).
+      programs: calls of a width-``W`` stage program (``layout="loop"``: per stage, not per batch).
+      lane_stages: shard-stages computed (including dummy lanes that pad a program to ``W``).
+      sample_epochs: ``Σ`` alive samples × epochs over the real lanes' stages.
+    """
+
+    seconds: float = 0.0
+    restore_seconds: float = 0.0
+    save_seconds: float = 0.0
+    shards: dict[int, int] = dataclasses.field(default_factory=dict)
+    programs: int = 0
+    lane_stages: int = 0
+    sample_epochs: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shards"] = {str(k): v for k, v in self.shards.items()}
+        return d
+
+
+@dataclasses.dataclass
+class ForgetReport:
+    """The outcome of one :meth:`SISAModel.forget` call.
+
+    Attributes:
+      requested: the ids asked for (deduplicated).
+      new: those not already in the ledger.
+      recovered: pending ids of an interrupted earlier request, completed by this call.
+      cost: the retraining it took.
+    """
+
+    requested: list[int]
+    new: list[int]
+    recovered: list[int]
+    cost: RetrainCost
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requested": len(self.requested),
+            "new": len(self.new),
+            "recovered": len(self.recovered),
+            **self.cost.to_json(),
+        }
+
+
+def _epoch_order(key: PRNGKey, alive: jax.Array, total: int) -> tuple[jax.Array, jax.Array]:
+    """A random order of the alive slots first (then the rest), padded to ``total``; its mask.
+
+    Each slot draws ``u ~ U(0, 1)`` from ``key``; dead slots get ``u = 2``; slots sorted by ``u``.
+    Deleting a sample changes only its own draw, so the others keep their relative order.
+    """
+    n = alive.shape[0]
+    u = jax.random.uniform(key, (n,))
+    u = jnp.where(alive > 0, u, 2.0)
+    order = jnp.argsort(u)
+    mask = alive[order].astype(jnp.float32)
+    if total > n:
+        order = jnp.concatenate([order, jnp.zeros((total - n,), order.dtype)])
+        mask = jnp.concatenate([mask, jnp.zeros((total - n,), mask.dtype)])
+    return order, mask
+
+
+def _make_lane_fns(
+    model: nn.Module, tx: optax.GradientTransformation, batch_size: int, epochs: int, slots: int
+):
+    """Per-lane functions of one stage: the whole stage (scan), and its pieces (loop)."""
+    step = make_train_step(model, tx)
+    nb = math.ceil(slots / batch_size)
+    total = nb * batch_size
+
+    def gather(data: Batch, order: jax.Array, mask: jax.Array, b: jax.Array) -> Batch:
+        sel = jax.lax.dynamic_slice(order, (b * batch_size,), (batch_size,))
+        m = jax.lax.dynamic_slice(mask, (b * batch_size,), (batch_size,))
+        return Batch(data.x[sel], data.y[sel], data.a[sel], data.idx[sel], m)
+
+    def stage(state: TrainState, data: Batch, key: PRNGKey):
+        def epoch_body(state, e):
+            ekey = jax.random.fold_in(key, e)
+            order, mask = _epoch_order(jax.random.fold_in(ekey, 0), data.mask, total)
+            step_key = jax.random.fold_in(ekey, 1)
+
+            def batch_body(state, b):
+                return step(state, gather(data, order, mask, b), step_key)
+
+            state, metrics = jax.lax.scan(batch_body, state, jnp.arange(nb))
+            return state, StepMetrics(*(jnp.sum(m) for m in metrics))
+
+        return jax.lax.scan(epoch_body, state, jnp.arange(epochs))
+
+    def orders(data_mask: jax.Array, key: PRNGKey, e: jax.Array):
+        ekey = jax.random.fold_in(key, e)
+        order, mask = _epoch_order(jax.random.fold_in(ekey, 0), data_mask, total)
+        return order, mask, jax.random.fold_in(ekey, 1)
+
+    def loop_step(state: TrainState, data: Batch, order, mask, step_key, b):
+        return step(state, gather(data, order, mask, b), step_key)
+
+    return stage, orders, loop_step, nb
+
+
+def _wrap(fn: Callable, mesh: jax.sharding.Mesh | None, donate: bool) -> Callable:
+    fn = jax.vmap(fn)
+    if mesh is not None:
+        spec = jax.sharding.PartitionSpec(SHARD_AXIS)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return jax.jit(fn, donate_argnums=0 if donate else ())
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_programs(model, tx, batch_size, epochs, slots, mesh):
+    stage, orders, loop_step, nb = _make_lane_fns(model, tx, batch_size, epochs, slots)
+    return _wrap(stage, mesh, True), _wrap(orders, mesh, False), _wrap(loop_step, mesh, True), nb
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(model, tx, input_shape):
+    return jax.jit(lambda k: create_train_state(model, tx, k, input_shape))
+
+
+def _default_mesh(width: int) -> jax.sharding.Mesh | None:
+    devices = jax.devices()
+    n = math.gcd(width, len(devices))
+    if n <= 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices[:n]), (SHARD_AXIS,))
+
+
+def _tree_stack(trees: Sequence[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *v: np.stack([np.asarray(x) for x in v]), *trees)
+
+
+def _tree_index(tree: Any, i: int) -> Any:
+    return jax.tree_util.tree_map(lambda v: np.asarray(v[i]), tree)
+
+
+def _key_data(key: PRNGKey | int) -> np.ndarray:
+    if isinstance(key, (int, np.integer)):
+        key = jax.random.PRNGKey(int(key))
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key, np.uint32)
+
+
+class SISAModel:
+    """``S`` shard models trained SISA-style, with a ledger and per-slice checkpoints.
+
+    Create with :func:`train_shards` (or :meth:`open` on an existing directory); then
+    :meth:`forget`, :meth:`forget_stepwise`, :meth:`ensemble`. Layout of ``directory``::
+
+        meta.json            plan, config, key, fingerprint
+        ledger.json          deletion requests (see :class:`~privdebias_jax.unlearn.Ledger`)
+        shards/<s>/<t>/      orbax checkpoint of shard s after t stages (t = 0: initial state)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        train_set: Dataset,
+        plan: ShardPlan,
+        config: SISAConfig,
+        directory: str | os.PathLike,
+        key: PRNGKey | int,
+        mesh: jax.sharding.Mesh | None | str = "auto",
+    ):
+        self.model, self.tx, self.plan, self.config = model, tx, plan, config
+        self.directory = Path(directory).expanduser().resolve()
+        self.key = _key_data(key)
+        s, r = plan.num_shards, plan.num_slices
+        if len(config.epochs_per_slice) != r:
+            raise PrivDebiasError(
+                f"epochs_per_slice has {len(config.epochs_per_slice)} entries for {r} slices"
+            )
+        if any(int(e) < 1 for e in config.epochs_per_slice):
+            raise PrivDebiasError(f"epochs_per_slice must be ≥ 1, got {config.epochs_per_slice}")
+        if int(config.batch_size) < 1:
+            raise PrivDebiasError(f"batch_size must be positive, got {config.batch_size}")
+        if config.layout not in LAYOUTS:
+            raise PrivDebiasError(f"unknown layout {config.layout!r}; expected one of {LAYOUTS}")
+        self.width = s if config.program_width is None else int(config.program_width)
+        if not 1 <= self.width <= s:
+            raise PrivDebiasError(
+                f"program_width must be in [1, {s}] (the number of shards), got {config.program_width}"
+            )
+        self.mesh = _default_mesh(self.width) if isinstance(mesh, str) else mesh
+        self._build_slot_data(train_set)
+        self.input_shape = tuple(np.shape(train_set.x)[1:])
+        self.layout = config.layout
+        if self.layout == "auto":
+            template = jax.eval_shape(
+                lambda k: create_train_state(model, tx, k, self.input_shape), jax.random.PRNGKey(0)
+            )
+            has_conv = any(
+                len(leaf.shape) == 4 for leaf in jax.tree_util.tree_leaves(template.params)
+            )
+            self.layout = "loop" if has_conv else "scan"
+        self._template = jax.eval_shape(
+            lambda k: create_train_state(model, tx, k, self.input_shape), jax.random.PRNGKey(0)
+        )
+        self.fingerprint = self._fingerprint()
+        self._check_directory()
+        self.ledger = Ledger(self.directory / "ledger.json", self.fingerprint)
+        self.states: list[TrainState | None] = [None] * s
+
+    # ------------------------------------------------------------------ layout and identity
+    def _build_slot_data(self, train_set: Dataset) -> None:
+        ids = np.asarray(train_set.idx, np.int64)
+        order = np.argsort(ids, kind="stable")
+        flat = self.plan.slots.reshape(self.plan.num_shards, -1)
+        real = flat != PADDING_ID
+        pos = np.searchsorted(ids[order], np.where(real, flat, 0))
+        pos = np.minimum(pos, ids.size - 1)
+        ok = ids[order][pos] == flat
+        if not np.all(ok[real]):
+            missing = flat[real & ~ok]
+            raise PrivDebiasError(
+                f"train_set lacks {missing.size} id(s) of the plan, e.g. {missing[:5].tolist()}"
+            )
+        rows = np.where(real, order[pos], 0)
+        self._rows = rows  # (S, R·c) row of train_set per slot (0 for padding)
+        self._real = real
+        self._data = Batch(
+            x=np.asarray(train_set.x)[rows],
+            y=np.asarray(train_set.y, np.int32)[rows],
+            a=np.asarray(train_set.a, np.int32)[rows],
+            idx=np.where(real, flat, PADDING_ID),
+            mask=real.astype(np.float32),
+        )
+
+    def _fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(self.plan.fingerprint().encode())
+        h.update(json.dumps(self.config.to_json(), sort_keys=True).encode())
+        h.update(self.key.tobytes())
+        h.update(repr(self.model).encode())
+        return h.hexdigest()
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "plan": self.plan.to_json(),
+            "config": self.config.to_json(),
+            "key": self.key.tolist(),
+            "model": repr(self.model),
+        }
+
+    def _check_directory(self) -> None:
+        meta = self.directory / "meta.json"
+        if meta.exists():
+            try:
+                found = json.loads(meta.read_text()).get("fingerprint")
+            except json.JSONDecodeError as err:
+                raise PrivDebiasError(f"{meta} is not valid JSON: {err}") from err
+            if found != self.fingerprint:
+                raise PrivDebiasError(
+                    f"checkpoint directory {self.directory} belongs to another SISA plan or configuration "
+                    "(fingerprint mismatch); use a fresh directory"
+                )
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(meta, self._meta())
+
+    # ------------------------------------------------------------------ keys, data, checkpoints
+    def _shard_keys(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        skey = jax.random.fold_in(jnp.asarray(self.key), shard)
+        init_key, train_key = jax.random.split(skey)
+        return np.asarray(init_key), np.asarray(train_key)
+
+    def _alive(self, shard: int, stage: int) -> np.ndarray:
+        cap = (stage + 1) * self.plan.slice_capacity
+        alive = self._real[shard, :cap].copy()
+        forgotten = self.ledger.forgotten
+        if forgotten.size:
+            alive &= ~np.isin(self._data.idx[shard, :cap], forgotten)
+        return alive
+
+    def _shard_dir(self, shard: int) -> Path:
+        return self.directory / "shards" / str(shard)
+
+    def _save(self, shard: int, stage_done: int, state: Any) -> None:
+        ckpt.save_checkpoint(self._shard_dir(shard), stage_done, state, overwrite=True)
+
+    def _restore(self, shard: int, stage_done: int) -> TrainState:
+        return ckpt.restore_checkpoint(self._shard_dir(shard), self._template, stage_done)
+
+    def _init_state(self, shard: int) -> TrainState:
+        init_key, _ = self._shard_keys(shard)
+        state = _init_program(self.model, self.tx, self.input_shape)(jnp.asarray(init_key))
+        return jax.tree_util.tree_map(np.asarray, state)
+
+    # ------------------------------------------------------------------ the (re)training loop
+    def _retrain(
+        self, start: dict[int, int], progress: bool = False, desc: str = "sisa"
+    ) -> RetrainCost:
+        """Train every shard in ``start`` from the checkpoint before stage ``start[s]`` to the end."""
+        t_all = time.perf_counter()
+        cost = RetrainCost(shards=dict(sorted(start.items())))
+        if not start:
+            return cost
+        current: dict[int, Any] = {}
+        r_total = self.plan.num_slices
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=r_total - min(start.values()), desc=desc, unit="stage", leave=False)
+        for t in range(min(start.values()), r_total):
+            lanes = sorted(s for s, r0 in start.items() if r0 <= t)
+            for s in lanes:
+                if s not in current:
+                    t0 = time.perf_counter()
+                    if t == 0:
+                        state = self._init_state(s)
+                        self._save(s, 0, state)
+                    else:
+                        state = jax.tree_util.tree_map(np.asarray, self._restore(s, t))
+                    current[s] = state
+                    cost.restore_seconds += time.perf_counter() - t0
+            for g in range(0, len(lanes), self.width):
+                group = lanes[g : g + self.width]
+                outs = self._run_stage(t, group, [current[s] for s in group], cost)
+                for i, s in enumerate(group):
+                    current[s] = _tree_index(outs, i)
+                    t0 = time.perf_counter()
+                    self._save(s, t + 1, current[s])
+                    cost.save_seconds += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        for s, state in current.items():
+            self.states[s] = state
+        cost.seconds = time.perf_counter() - t_all
+        return cost
+
+    def _run_stage(self, t: int, group: list[int], states: list[Any], cost: RetrainCost) -> Any:
+        cap = (t + 1) * self.plan.slice_capacity
+        epochs = int(self.config.epochs_per_slice[t])
+        pad = self.width - len(group)
+        lanes = group + [group[-1]] * pad  # dummy lanes repeat the last shard, all masked out
+        alive = [self._alive(s, t) for s in group] + [np.zeros(cap, bool)] * pad
+        data = Batch(
+            x=np.stack([self._data.x[s, :cap] for s in lanes]),
+            y=np.stack([self._data.y[s, :cap] for s in lanes]),
+            a=np.stack([self._data.a[s, :cap] for s in lanes]),
+            idx=np.stack([self._data.idx[s, :cap] for s in lanes]),
+            mask=np.stack(alive).astype(np.float32),
+        )
+        keys = np.stack(
+            [np.asarray(jax.random.fold_in(jnp.asarray(self._shard_keys(s)[1]), t)) for s in lanes]
+        )
+        stacked = _tree_stack(states + [states[-1]] * pad)
+        stacked, data, keys = self._put((stacked, data, keys))
+        stage_fn, orders_fn, step_fn, nb = _stage_programs(
+            self.model, self.tx, int(self.config.batch_size), epochs, cap, self.mesh
+        )
+        if self.layout == "scan":
+            stacked, _ = stage_fn(stacked, data, keys)
+            cost.programs += 1
+        else:
+            for e in range(epochs):
+                order, mask, step_keys = orders_fn(data.mask, keys, jnp.full((self.width,), e))
+                for b in range(nb):
+                    stacked, _ = step_fn(
+                        stacked, data, order, mask, step_keys, jnp.full((self.width,), b)
+                    )
+            cost.programs += 1
+        cost.lane_stages += self.width
+        cost.sample_epochs += int(sum(a.sum() for a in alive)) * epochs
+        return jax.device_get(stacked)
+
+    def _put(self, tree: Any) -> Any:
+        if self.mesh is None:
+            return jax.tree_util.tree_map(jnp.asarray, tree)
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(SHARD_AXIS))
+        return jax.device_put(tree, sharding)
+
+    # ------------------------------------------------------------------ public operations
+    def train(self, progress: bool = False, resume: bool = True) -> RetrainCost:
+        """Train every shard (resuming each from its newest checkpoint when ``resume``)."""
+        start = {}
+        for s in range(self.plan.num_shards):
+            done = ckpt.latest_step(self._shard_dir(s)) if resume else None
+            start[s] = 0 if done is None else int(done)
+        start = self._with_pending(start)
+        todo = {s: r for s, r in start.items() if r < self.plan.num_slices}
+        cost = self._retrain(todo, progress=progress, desc="sisa train")
+        self.ledger.mark_done()
+        for s in range(self.plan.num_shards):
+            if self.states[s] is None:
+                self.states[s] = jax.tree_util.tree_map(
+                    np.asarray, self._restore(s, self.plan.num_slices)
+                )
+        return cost
+
+    def _with_pending(self, start: dict[int, int]) -> dict[int, int]:
+        pending = self.ledger.pending
+        if pending.size:
+            shards, slices = self.plan.locate(pending)
+            for s, r in zip(shards.tolist(), slices.tolist(), strict=True):
+                start[s] = min(start.get(s, self.plan.num_slices), r)
+        return start
+
+    def _check_not_emptied(self, ids: np.ndarray) -> None:
+        gone = np.union1d(self.ledger.forgotten, ids)
+        sizes = self.plan.shard_sizes(gone)
+        if np.any(sizes == 0):
+            empty = np.flatnonzero(sizes == 0).tolist()
+            raise PrivDebiasError(
+                f"forgetting these ids would leave shard(s) {empty} with no samples; nothing was changed"
+            )
+
+    def forget(self, ids: Iterable[int] | np.ndarray) -> ForgetReport:
+        """Forget ``ids`` exactly: retrain their shards from the checkpoint before their slices.
+
+        Ids already forgotten are ignored (idempotent); pending ids of an interrupted earlier
+        call are completed too.
+
+        Raises:
+          PrivDebiasError: for negative or unknown ids, or a deletion that would empty a shard
+            (checked before the ledger or any checkpoint changes).
+        """
+        ids = np.unique(
+            np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, np.int64).reshape(-1)
+        )
+        if ids.size:
+            self.plan.locate(ids)  # raises for negative / unknown ids
+            self._check_not_emptied(ids)
+        recovered = self.ledger.pending
+        new = self.ledger.add(ids)
+        start = self._with_pending({})
+        cost = self._retrain(start)
+        self.ledger.mark_done()
+        return ForgetReport(ids.tolist(), new.tolist(), recovered.tolist(), cost)
+
+    def recover(self) -> ForgetReport:
+        """Complete the requests an interrupted :meth:`forget` left pending (no-op otherwise)."""
+        return self.forget([])
+
+    def forget_stepwise(self, ids: Iterable[int] | np.ndarray, capacity: int) -> list[ForgetReport]:
+        """Apply a stream of deletion requests in steps of at most ``capacity`` new ids each.
+
+        Ids are taken in the given order (already forgotten ones skipped); every step is one
+        :meth:`forget` call and its cost is in the returned report.
+
+        Raises:
+          PrivDebiasError: for ``capacity < 1`` and everything :meth:`forget` rejects (all ids
+            are validated before the first step).
+        """
+        if int(capacity) < 1:
+            raise PrivDebiasError(f"deletion capacity must be at least 1, got {capacity}")
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, np.int64).reshape(
+            -1
+        )
+        if ids.size:
+            self.plan.locate(ids)
+            self._check_not_emptied(np.unique(ids))
+        _, first = np.unique(ids, return_index=True)
+        ordered = ids[np.sort(first)]
+        ordered = ordered[~np.isin(ordered, self.ledger.forgotten)]
+        reports = []
+        for start in range(0, ordered.size, int(capacity)):
+            reports.append(self.forget(ordered[start : start + int(capacity)]))
+        return reports
+
+    def shard_state(self, shard: int) -> TrainState:
+        """The current (final-stage) state of one shard."""
+        if not 0 <= int(shard) < self.plan.num_shards:
+            raise PrivDebiasError(f"shard {shard} out of range [0, {self.plan.num_shards})")
+        if self.states[shard] is None:
+            raise PrivDebiasError("the shards are not trained yet; call train()")
+        return self.states[shard]
+
+    def stacked_state(self) -> TrainState:
+        """Every shard's state stacked on a leading shard axis."""
+        return _tree_stack([self.shard_state(s) for s in range(self.plan.num_shards)])
+
+    def ensemble(self, aggregate: str = "mean_softmax"):
+        """``(module, params, model_state)`` of the shard ensemble: use them wherever a single
+        model's are used (:func:`privdebias_jax.train.predict`, ``evaluate``, attacks).
+        See :class:`privdebias_jax.unlearn.ShardEnsemble`."""
+        from privdebias_jax.unlearn.ensemble import ensemble_from_states
+
+        return ensemble_from_states(
+            self.model, [self.shard_state(s) for s in range(self.plan.num_shards)], aggregate
+        )
+
+    @property
+    def forgotten(self) -> np.ndarray:
+        return self.ledger.forgotten
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        train_set: Dataset,
+        mesh: jax.sharding.Mesh | None | str = "auto",
+        recover: bool = True,
+    ) -> SISAModel:
+        """Reopen a trained SISA directory (plan, config and key from ``meta.json``).
+
+        With ``recover`` pending requests of an interrupted :meth:`forget` are completed and
+        missing stages trained.
+
+        Raises:
+          PrivDebiasError: no ``meta.json``, a model/config that does not match it, or a
+            ``train_set`` without the plan's ids.
+        """
+        meta_path = Path(directory).expanduser().resolve() / "meta.json"
+        if not meta_path.exists():
+            raise PrivDebiasError(f"{directory} is not a SISA directory (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        c = meta["config"]
+        config = SISAConfig(
+            tuple(c["epochs_per_slice"]), int(c["batch_size"]), c["program_width"], c["layout"]
+        )
+        plan = ShardPlan.from_json(meta["plan"])
+        key = np.asarray(meta["key"], np.uint32)
+        self = cls(model, tx, train_set, plan, config, directory, key, mesh=mesh)
+        if recover:
+            self.train(resume=True)
+        return self
+
+
+def train_shards(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    train_set: Dataset,
+    plan: ShardPlan,
+    directory: str | os.PathLike,
+    *,
+    key: PRNGKey | int,
+    epochs_per_slice: int | Sequence[int] = 1,
+    batch_size: int = 64,
+    program_width: int | None = None,
+    layout: str = "auto",
+    mesh: jax.sharding.Mesh | None | str = "auto",
+    resume: bool = True,
+    progress: bool = False,
+) -> tuple[SISAModel, RetrainCost]:
+    """Train the ``S`` shard models of ``plan`` on ``train_set``, slice by slice, all at once.
+
+    Every stage ``t`` (slices ``0..t``, ``epochs_per_slice[t]`` epochs) of all shards runs as
+    ``⌈S/W⌉`` calls of one vmapped program; each shard is checkpointed after every stage in
+    ``directory``. ``mesh="auto"`` lays the shard axis over ``gcd(W, #devices)`` devices.
+    With ``resume`` an existing directory of the same plan continues where it stopped.
+
+    Returns:
+      ``(sisa, cost)``: the :class:`SISAModel` and the :class:`RetrainCost` of training.
+
+    Raises:
+      PrivDebiasError: bad settings, ids missing from ``train_set``, or a ``directory`` that
+        belongs to another plan/configuration.
+    """
+    r = plan.num_slices
+    epochs = (
+        (int(epochs_per_slice),) * r
+        if isinstance(epochs_per_slice, (int, np.integer))
+        else tuple(int(e) for e in epochs_per_slice)
+    )
+    config = SISAConfig(epochs, int(batch_size), program_width, layout)
+    sisa = SISAModel(model, tx, train_set, plan, config, directory, key, mesh=mesh)
+    cost = sisa.train(progress=progress, resume=resume)
+    return sisa, cost
+
+
+__all__ = [
+    "ForgetReport",
+    "RetrainCost",
+    "SISAConfig",
+    "SISAModel",
+    "sisa_epochs",
+    "train_shards",
+]
