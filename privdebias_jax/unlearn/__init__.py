@@ -8,6 +8,7 @@
   the retained data, gradient ascent on the forget set.
 """
 
+from privdebias_jax.unlearn import baselines
 from privdebias_jax.unlearn.ensemble import (
     AGGREGATES,
     ShardEnsemble,
@@ -36,6 +37,7 @@ __all__ = [
     "ShardEnsemble",
     "ShardPlan",
     "aggregate_logits",
+    "baselines",
     "ensemble_from_states",
     "make_plan",
     "sisa_epochs",
