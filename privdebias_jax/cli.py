@@ -4,6 +4,9 @@ Subcommands (later capabilities add their own with :func:`build_parser`):
 
 * ``privdebias train --dataset {colored-mnist,biased-mnist,adult} --out DIR`` trains a vanilla
   model and writes ``DIR/results.json`` and the saved model ``DIR/model``.
+* ``privdebias unlearn [--dataset D] [--shards S --slices R] [--forget-file F | --forget-fraction p]
+  [--capacity K] [--baselines retrain,newton,...] --out DIR``: SISA training, exact forgetting
+  and baselines (see :mod:`privdebias_jax.unlearn.driver`).
 * ``privdebias run [--quick] [--out DIR]`` is the main job on the embedded data
   (see :mod:`privdebias_jax.run`).
 
@@ -56,14 +59,28 @@ def _non_negative_int(text: str) -> int:
 
 def add_training_options(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     """Options shared by every command that trains a model (they override ``get_config``)."""
-    p.add_argument("--dataset", choices=TRAIN_DATASETS,
-                   help="dataset (required unless --config names one)" if dataset_required else "default biased-mnist")
-    p.add_argument("--config", help="an experiment file (experiments/*.py) whose get_config() gives the defaults")
-    p.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
-                   help="cpu: small fast defaults; paper: the papers' model sizes (GPU/TPU)")
+    p.add_argument(
+        "--dataset",
+        choices=TRAIN_DATASETS,
+        help="dataset (required unless --config names one)"
+        if dataset_required
+        else "default biased-mnist",
+    )
+    p.add_argument(
+        "--config",
+        help="an experiment file (experiments/*.py) whose get_config() gives the defaults",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("cpu", "paper"),
+        default="cpu",
+        help="cpu: small fast defaults; paper: the papers' model sizes (GPU/TPU)",
+    )
     p.add_argument("--rho", type=_rho, help="P(colour = digit) for the MNIST variants, in [0, 1]")
     p.add_argument("--epochs", type=_non_negative_int)
-    p.add_argument("--model", help="model registry name (mlp, tabular_mlp, small_cnn, simple_conv, resnet)")
+    p.add_argument(
+        "--model", help="model registry name (mlp, tabular_mlp, small_cnn, simple_conv, resnet)"
+    )
     p.add_argument("--image-size", type=_positive_int, help="side of the MNIST images (28 native)")
     p.add_argument("--train-size", type=_positive_int, help="cap on the number of training images")
     p.add_argument("--batch-size", type=_positive_int)
@@ -112,7 +129,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     trained = train_and_evaluate(config, out, progress=not args.no_progress, resume=args.resume)
     path = write_json(out / "results.json", trained.results)
-    keys = ("acc_biased", "acc_unbiased", "acc", "counterfactual_bias", "kl_bias", "dp_diff", "eo_diff", "train_seconds")
+    keys = (
+        "acc_biased",
+        "acc_unbiased",
+        "acc",
+        "counterfactual_bias",
+        "kl_bias",
+        "dp_diff",
+        "eo_diff",
+        "train_seconds",
+    )
     summary = {k: round(trained.results[k], 4) for k in keys if trained.results.get(k) is not None}
     print(json.dumps(summary))
     print(f"wrote {path}")
@@ -132,7 +158,9 @@ def _cmd_debias(args: argparse.Namespace) -> int:
         src = Path(args.from_dir)
         results_file = src / "results.json"
         if not results_file.is_file():
-            raise PrivDebiasError(f"--from {src}: no results.json (train the model with `privdebias train --out {src}`)")
+            raise PrivDebiasError(
+                f"--from {src}: no results.json (train the model with `privdebias train --out {src}`)"
+            )
         saved = ml_collections.ConfigDict(json.loads(results_file.read_text())["config"])
         config = get_fmd_config(saved.dataset, args.preset)
         for field in saved:
@@ -147,8 +175,13 @@ def _cmd_debias(args: argparse.Namespace) -> int:
     else:
         raise PrivDebiasError("--dataset, --config or --from is required")
     overrides = {
-        "mode": args.mode, "k": args.k, "newton_iterations": args.newton_iterations, "damping": args.damping,
-        "solver": args.solver, "select": args.select, "external_size": args.external_size,
+        "mode": args.mode,
+        "k": args.k,
+        "newton_iterations": args.newton_iterations,
+        "damping": args.damping,
+        "solver": args.solver,
+        "select": args.select,
+        "external_size": args.external_size,
     }
     for field, value in overrides.items():
         if value is not None:
@@ -165,6 +198,53 @@ def _cmd_debias(args: argparse.Namespace) -> int:
     print(json.dumps(summary))
     print(f"wrote {out / 'results.json'}")
     return 0
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from privdebias_jax.unlearn.driver import get_unlearn_config, read_ids, unlearn_and_evaluate
+
+    if not args.dataset and not args.config:
+        args.dataset = "colored-mnist"
+    base = config_from_args(args)
+    config = get_unlearn_config(base.dataset, args.preset)
+    for field in base:
+        config[field] = base[field]
+    overrides = {
+        "shards": args.shards,
+        "slices": args.slices,
+        "program_width": args.program_width,
+        "forget_fraction": args.forget_fraction,
+        "forget_seed": args.forget_seed,
+        "capacity": args.capacity,
+        "aggregate": args.aggregate,
+        "baselines": args.baselines,
+    }
+    for field, value in overrides.items():
+        if value is not None:
+            config.unlearn[field] = value
+    ids = read_ids(args.forget_file) if args.forget_file else None
+    out = Path(args.out)
+    results = unlearn_and_evaluate(config, out, forget_ids=ids, progress=not args.no_progress)
+    summary = {
+        "sisa_before": {k: round(v, 4) for k, v in results["sisa_before"].items()},
+        "sisa_after": {k: round(v, 4) for k, v in results["sisa_after"].items()},
+        "forgotten": results["forget"]["ids"],
+        "forget_seconds": round(results["forget"]["seconds"], 3),
+        "baseline_seconds": {k: round(v["seconds"], 3) for k, v in results["baselines"].items()},
+    }
+    print(json.dumps(summary))
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value}")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -189,21 +269,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_ckpt")
     p.set_defaults(func=_cmd_train, dataset_required=True)
 
-    p = sub.add_parser("debias", help="debias a model (FMD: influence-function unlearning) and write DIR/results.json")
+    p = sub.add_parser(
+        "debias",
+        help="debias a model (FMD: influence-function unlearning) and write DIR/results.json",
+    )
     p.add_argument("--method", default="fmd", help="debiasing method (fmd)")
     add_training_options(p, dataset_required=False)
-    p.add_argument("--from", dest="from_dir", help="a `privdebias train --out` directory to debias (else train first)")
-    p.add_argument("--mode", choices=("train", "external"), help="use the training set, or the external set only")
-    p.add_argument("--k", type=_non_negative_int, help="harmful samples replaced (0 = all training samples)")
-    p.add_argument("--newton-iterations", type=_positive_int, help="1 = the paper's single Newton step")
+    p.add_argument(
+        "--from",
+        dest="from_dir",
+        help="a `privdebias train --out` directory to debias (else train first)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("train", "external"),
+        help="use the training set, or the external set only",
+    )
+    p.add_argument(
+        "--k", type=_non_negative_int, help="harmful samples replaced (0 = all training samples)"
+    )
+    p.add_argument(
+        "--newton-iterations", type=_positive_int, help="1 = the paper's single Newton step"
+    )
     p.add_argument("--damping", type=float, help="damping λ > 0 added to the Hessian")
-    p.add_argument("--solver", help="inverse-HVP solver: exact, linear_head, cg, lissa, arnoldi, kfac, ekfac")
-    p.add_argument("--select", help="parameter subset to update (regex on paths; '^head/' = last layer)")
+    p.add_argument(
+        "--solver", help="inverse-HVP solver: exact, linear_head, cg, lissa, arnoldi, kfac, ekfac"
+    )
+    p.add_argument(
+        "--select", help="parameter subset to update (regex on paths; '^head/' = last layer)"
+    )
     p.add_argument("--external-size", type=_positive_int, help="size of the external set D_ex")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_debias, dataset_required=False)
 
-    p = sub.add_parser("run", help="the main job on the embedded data: results.json, report.md, figures")
+    p = sub.add_parser(
+        "unlearn", help="SISA: train shards, forget ids exactly, compare with baselines"
+    )
+    add_training_options(p, dataset_required=False)
+    p.add_argument("--shards", type=_positive_int, help="number of shards S (default 8)")
+    p.add_argument("--slices", type=_positive_int, help="slices per shard R (default 4)")
+    p.add_argument(
+        "--program-width",
+        type=_non_negative_int,
+        help="shard lanes per vmapped program W (0 = S); a deletion retrains W lanes",
+    )
+    p.add_argument(
+        "--forget-file", help="file of sample ids to forget (whitespace/comma separated)"
+    )
+    p.add_argument(
+        "--forget-fraction", type=_fraction, help="else forget this random fraction (default 0.01)"
+    )
+    p.add_argument("--forget-seed", type=int, help="seed of the random forget set")
+    p.add_argument(
+        "--capacity", type=_non_negative_int, help="step-wise: deletions per step (0 = one step)"
+    )
+    p.add_argument("--aggregate", choices=("mean_softmax", "vote"), help="ensemble aggregation")
+    p.add_argument(
+        "--baselines", help="comma list of retrain,newton,finetune,gradient_ascent ('' = none)"
+    )
+    p.add_argument(
+        "--out", default="results/unlearn", help="output directory (SISA checkpoints in DIR/sisa)"
+    )
+    p.set_defaults(func=_cmd_unlearn, dataset_required=False)
+
+    p = sub.add_parser(
+        "run", help="the main job on the embedded data: results.json, report.md, figures"
+    )
     add_training_options(p, dataset_required=False)
     p.add_argument("--out", default="results/run", help="output directory (default results/run)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
