@@ -32,12 +32,11 @@ shard equals, bit for bit, the shard trained from scratch without those ids.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +48,18 @@ import optax
 
 from privdebias_jax import checkpoint as ckpt
 from privdebias_jax.data.dataset import Batch, Dataset
-from privdebias_jax.train import StepMetrics, TrainState, create_train_state, make_train_step
+from privdebias_jax.multi import (
+    LAYOUTS,
+    default_mesh,
+    init_program,
+    run_stage,
+    tree_index,
+    tree_stack,
+)
+from privdebias_jax.train import TrainState, create_train_state
 from privdebias_jax.types import PrivDebiasError, PRNGKey
 from privdebias_jax.unlearn.ledger import Ledger, atomic_write_json
 from privdebias_jax.unlearn.plan import PADDING_ID, ShardPlan
-
-SHARD_AXIS = "shards"
-LAYOUTS = ("auto", "scan", "loop")
 
 
 def sisa_epochs(total_epochs: int, num_slices: int) -> tuple[int, ...]:
@@ -149,96 +153,6 @@ class ForgetReport:
         }
 
 
-def _epoch_order(key: PRNGKey, alive: jax.Array, total: int) -> tuple[jax.Array, jax.Array]:
-    """A random order of the alive slots first (then the rest), padded to ``total``; its mask.
-
-    Each slot draws ``u ~ U(0, 1)`` from ``key``; dead slots get ``u = 2``; slots sorted by ``u``.
-    Deleting a sample changes only its own draw, so the others keep their relative order.
-    """
-    n = alive.shape[0]
-    u = jax.random.uniform(key, (n,))
-    u = jnp.where(alive > 0, u, 2.0)
-    order = jnp.argsort(u)
-    mask = alive[order].astype(jnp.float32)
-    if total > n:
-        order = jnp.concatenate([order, jnp.zeros((total - n,), order.dtype)])
-        mask = jnp.concatenate([mask, jnp.zeros((total - n,), mask.dtype)])
-    return order, mask
-
-
-def _make_lane_fns(
-    model: nn.Module, tx: optax.GradientTransformation, batch_size: int, epochs: int, slots: int
-):
-    """Per-lane functions of one stage: the whole stage (scan), and its pieces (loop)."""
-    step = make_train_step(model, tx)
-    nb = math.ceil(slots / batch_size)
-    total = nb * batch_size
-
-    def gather(data: Batch, order: jax.Array, mask: jax.Array, b: jax.Array) -> Batch:
-        sel = jax.lax.dynamic_slice(order, (b * batch_size,), (batch_size,))
-        m = jax.lax.dynamic_slice(mask, (b * batch_size,), (batch_size,))
-        return Batch(data.x[sel], data.y[sel], data.a[sel], data.idx[sel], m)
-
-    def stage(state: TrainState, data: Batch, key: PRNGKey):
-        def epoch_body(state, e):
-            ekey = jax.random.fold_in(key, e)
-            order, mask = _epoch_order(jax.random.fold_in(ekey, 0), data.mask, total)
-            step_key = jax.random.fold_in(ekey, 1)
-
-            def batch_body(state, b):
-                return step(state, gather(data, order, mask, b), step_key)
-
-            state, metrics = jax.lax.scan(batch_body, state, jnp.arange(nb))
-            return state, StepMetrics(*(jnp.sum(m) for m in metrics))
-
-        return jax.lax.scan(epoch_body, state, jnp.arange(epochs))
-
-    def orders(data_mask: jax.Array, key: PRNGKey, e: jax.Array):
-        ekey = jax.random.fold_in(key, e)
-        order, mask = _epoch_order(jax.random.fold_in(ekey, 0), data_mask, total)
-        return order, mask, jax.random.fold_in(ekey, 1)
-
-    def loop_step(state: TrainState, data: Batch, order, mask, step_key, b):
-        return step(state, gather(data, order, mask, b), step_key)
-
-    return stage, orders, loop_step, nb
-
-
-def _wrap(fn: Callable, mesh: jax.sharding.Mesh | None, donate: bool) -> Callable:
-    fn = jax.vmap(fn)
-    if mesh is not None:
-        spec = jax.sharding.PartitionSpec(SHARD_AXIS)
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-    return jax.jit(fn, donate_argnums=0 if donate else ())
-
-
-@functools.lru_cache(maxsize=64)
-def _stage_programs(model, tx, batch_size, epochs, slots, mesh):
-    stage, orders, loop_step, nb = _make_lane_fns(model, tx, batch_size, epochs, slots)
-    return _wrap(stage, mesh, True), _wrap(orders, mesh, False), _wrap(loop_step, mesh, True), nb
-
-
-@functools.lru_cache(maxsize=16)
-def _init_program(model, tx, input_shape):
-    return jax.jit(lambda k: create_train_state(model, tx, k, input_shape))
-
-
-def _default_mesh(width: int) -> jax.sharding.Mesh | None:
-    devices = jax.devices()
-    n = math.gcd(width, len(devices))
-    if n <= 1:
-        return None
-    return jax.sharding.Mesh(np.asarray(devices[:n]), (SHARD_AXIS,))
-
-
-def _tree_stack(trees: Sequence[Any]) -> Any:
-    return jax.tree_util.tree_map(lambda *v: np.stack([np.asarray(x) for x in v]), *trees)
-
-
-def _tree_index(tree: Any, i: int) -> Any:
-    return jax.tree_util.tree_map(lambda v: np.asarray(v[i]), tree)
-
-
 def _key_data(key: PRNGKey | int) -> np.ndarray:
     if isinstance(key, (int, np.integer)):
         key = jax.random.PRNGKey(int(key))
@@ -288,7 +202,7 @@ class SISAModel:
             raise PrivDebiasError(
                 f"program_width must be in [1, {s}] (the number of shards), got {config.program_width}"
             )
-        self.mesh = _default_mesh(self.width) if isinstance(mesh, str) else mesh
+        self.mesh = default_mesh(self.width) if isinstance(mesh, str) else mesh
         self._build_slot_data(train_set)
         self.input_shape = tuple(np.shape(train_set.x)[1:])
         self.layout = config.layout
@@ -392,7 +306,7 @@ class SISAModel:
 
     def _init_state(self, shard: int) -> TrainState:
         init_key, _ = self._shard_keys(shard)
-        state = _init_program(self.model, self.tx, self.input_shape)(jnp.asarray(init_key))
+        state = init_program(self.model, self.tx, self.input_shape)(jnp.asarray(init_key))
         return jax.tree_util.tree_map(np.asarray, state)
 
     # ------------------------------------------------------------------ the (re)training loop
@@ -427,7 +341,7 @@ class SISAModel:
                 group = lanes[g : g + self.width]
                 outs = self._run_stage(t, group, [current[s] for s in group], cost)
                 for i, s in enumerate(group):
-                    current[s] = _tree_index(outs, i)
+                    current[s] = tree_index(outs, i)
                     t0 = time.perf_counter()
                     self._save(s, t + 1, current[s])
                     cost.save_seconds += time.perf_counter() - t0
@@ -456,31 +370,22 @@ class SISAModel:
         keys = np.stack(
             [np.asarray(jax.random.fold_in(jnp.asarray(self._shard_keys(s)[1]), t)) for s in lanes]
         )
-        stacked = _tree_stack(states + [states[-1]] * pad)
-        stacked, data, keys = self._put((stacked, data, keys))
-        stage_fn, orders_fn, step_fn, nb = _stage_programs(
-            self.model, self.tx, int(self.config.batch_size), epochs, cap, self.mesh
+        stacked = tree_stack(states + [states[-1]] * pad)
+        out = run_stage(
+            self.model,
+            self.tx,
+            stacked,
+            data,
+            keys,
+            epochs=epochs,
+            batch_size=int(self.config.batch_size),
+            layout=self.layout,
+            mesh=self.mesh,
         )
-        if self.layout == "scan":
-            stacked, _ = stage_fn(stacked, data, keys)
-            cost.programs += 1
-        else:
-            for e in range(epochs):
-                order, mask, step_keys = orders_fn(data.mask, keys, jnp.full((self.width,), e))
-                for b in range(nb):
-                    stacked, _ = step_fn(
-                        stacked, data, order, mask, step_keys, jnp.full((self.width,), b)
-                    )
-            cost.programs += 1
+        cost.programs += 1
         cost.lane_stages += self.width
         cost.sample_epochs += int(sum(a.sum() for a in alive)) * epochs
-        return jax.device_get(stacked)
-
-    def _put(self, tree: Any) -> Any:
-        if self.mesh is None:
-            return jax.tree_util.tree_map(jnp.asarray, tree)
-        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(SHARD_AXIS))
-        return jax.device_put(tree, sharding)
+        return out
 
     # ------------------------------------------------------------------ public operations
     def train(self, progress: bool = False, resume: bool = True) -> RetrainCost:
@@ -580,7 +485,7 @@ class SISAModel:
 
     def stacked_state(self) -> TrainState:
         """Every shard's state stacked on a leading shard axis."""
-        return _tree_stack([self.shard_state(s) for s in range(self.plan.num_shards)])
+        return tree_stack([self.shard_state(s) for s in range(self.plan.num_shards)])
 
     def ensemble(self, aggregate: str = "mean_softmax"):
         """``(module, params, model_state)`` of the shard ensemble: use them wherever a single

@@ -1,0 +1,307 @@
+"""Many models of one architecture trained together: one ``jit(vmap(...))`` program over a model axis.
+
+Used by SISA (one lane per shard, :mod:`privdebias_jax.unlearn.sisa`) and by the privacy
+attacks (shadow and LiRA reference models, :mod:`privdebias_jax.privacy`). Each *lane* has its
+own state, its own rows (a data block ``(M, ...)`` with a mask of which rows it trains on)
+and its own key; a lane's result depends only on those, never on the other lanes.
+
+One call of :func:`run_stage` trains every lane for ``epochs`` epochs. An epoch shuffles the
+lane's alive rows with :func:`epoch_order` and cuts them into ``⌈M / batch_size⌉`` fixed-size
+batches (padding masked). Two layouts, chosen by measurement (``benchmarks/fit_loop.py``):
+
+* ``scan``: the whole stage (every epoch, every batch) is one call (``lax.scan`` of scans).
+* ``loop``: one call per batch; for models with convolutions, whose CPU kernels run many
+  times slower inside ``lax.scan``.
+
+With a mesh (several devices) the lane axis is split over it with ``jax.shard_map``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from privdebias_jax.data.dataset import Batch, Dataset
+from privdebias_jax.train import StepMetrics, TrainState, create_train_state, make_train_step
+from privdebias_jax.types import PrivDebiasError, PRNGKey
+
+MODEL_AXIS = "models"
+LAYOUTS = ("auto", "scan", "loop")
+
+
+def epoch_order(key: PRNGKey, alive: jax.Array, total: int) -> tuple[jax.Array, jax.Array]:
+    """A random order of the alive rows first (then the rest), padded to ``total``; its mask.
+
+    Each row draws ``u ~ U(0, 1)`` from ``key``; dead rows get ``u = 2``; rows sorted by ``u``.
+    Removing a row changes only its own draw, so the others keep their relative order.
+    """
+    n = alive.shape[0]
+    u = jax.random.uniform(key, (n,))
+    u = jnp.where(alive > 0, u, 2.0)
+    order = jnp.argsort(u)
+    mask = alive[order].astype(jnp.float32)
+    if total > n:
+        order = jnp.concatenate([order, jnp.zeros((total - n,), order.dtype)])
+        mask = jnp.concatenate([mask, jnp.zeros((total - n,), mask.dtype)])
+    return order, mask
+
+
+def _make_lane_fns(
+    model: nn.Module, tx: optax.GradientTransformation, batch_size: int, epochs: int, rows: int
+):
+    step = make_train_step(model, tx)
+    nb = math.ceil(rows / batch_size)
+    total = nb * batch_size
+
+    def gather(data: Batch, order: jax.Array, mask: jax.Array, b: jax.Array) -> Batch:
+        sel = jax.lax.dynamic_slice(order, (b * batch_size,), (batch_size,))
+        m = jax.lax.dynamic_slice(mask, (b * batch_size,), (batch_size,))
+        return Batch(data.x[sel], data.y[sel], data.a[sel], data.idx[sel], m)
+
+    def orders(data_mask: jax.Array, key: PRNGKey, e: jax.Array):
+        ekey = jax.random.fold_in(key, e)
+        order, mask = epoch_order(jax.random.fold_in(ekey, 0), data_mask, total)
+        return order, mask, jax.random.fold_in(ekey, 1)
+
+    def stage(state: TrainState, data: Batch, key: PRNGKey):
+        def epoch_body(state, e):
+            order, mask, step_key = orders(data.mask, key, e)
+
+            def batch_body(state, b):
+                return step(state, gather(data, order, mask, b), step_key)
+
+            state, metrics = jax.lax.scan(batch_body, state, jnp.arange(nb))
+            return state, StepMetrics(*(jnp.sum(m) for m in metrics))
+
+        return jax.lax.scan(epoch_body, state, jnp.arange(epochs))
+
+    def loop_step(state: TrainState, data: Batch, order, mask, step_key, b):
+        return step(state, gather(data, order, mask, b), step_key)
+
+    return stage, orders, loop_step, nb
+
+
+def _wrap(fn, mesh: jax.sharding.Mesh | None, donate: bool, in_axes: tuple):
+    """``jit(vmap(fn, in_axes))``, with the mapped axis split over ``mesh`` (unmapped args replicated)."""
+    fn = jax.vmap(fn, in_axes=in_axes)
+    if mesh is not None:
+        P = jax.sharding.PartitionSpec
+        specs = jax.tree_util.tree_map(
+            lambda ax: P() if ax is None else P(MODEL_AXIS), in_axes, is_leaf=lambda v: v is None
+        )
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(MODEL_AXIS), check_vma=False)
+    return jax.jit(fn, donate_argnums=0 if donate else ())
+
+
+@functools.lru_cache(maxsize=64)
+def stage_programs(
+    model, tx, batch_size: int, epochs: int, rows: int, mesh, shared_data: bool = False
+):
+    """The compiled-on-first-use programs of a stage: ``(stage, orders, loop_step, num_batches)``.
+
+    With ``shared_data`` every lane reads the same ``x, y, a, idx`` (not stacked; only the
+    mask is per lane). Cached per arguments, so repeated calls (SISA forgetting) reuse the
+    compiled code.
+    """
+    stage, orders, loop_step, nb = _make_lane_fns(model, tx, batch_size, epochs, rows)
+    data_axes = Batch(None, None, None, None, 0) if shared_data else 0
+    return (
+        _wrap(stage, mesh, True, (0, data_axes, 0)),
+        _wrap(orders, mesh, False, (0, 0, 0)),
+        _wrap(loop_step, mesh, True, (0, data_axes, 0, 0, 0, 0)),
+        nb,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def init_program(model, tx, input_shape: tuple[int, ...]):
+    """``jit(key -> create_train_state(model, tx, key, input_shape))``, cached."""
+    return jax.jit(lambda k: create_train_state(model, tx, k, input_shape))
+
+
+def default_mesh(width: int) -> jax.sharding.Mesh | None:
+    """A 1-D mesh over ``gcd(width, #devices)`` devices (``None`` on one device)."""
+    devices = jax.devices()
+    n = math.gcd(int(width), len(devices))
+    if n <= 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices[:n]), (MODEL_AXIS,))
+
+
+def resolve_layout(
+    model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], layout: str
+) -> str:
+    """``auto`` → ``loop`` for models with convolution kernels, ``scan`` otherwise."""
+    if layout not in LAYOUTS:
+        raise PrivDebiasError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout != "auto":
+        return layout
+    template = jax.eval_shape(
+        lambda k: create_train_state(model, tx, k, input_shape), jax.random.PRNGKey(0)
+    )
+    has_conv = any(len(leaf.shape) == 4 for leaf in jax.tree_util.tree_leaves(template.params))
+    return "loop" if has_conv else "scan"
+
+
+def tree_stack(trees: Sequence[Any]) -> Any:
+    """Stack pytrees of the same structure on a new leading axis (NumPy)."""
+    return jax.tree_util.tree_map(lambda *v: np.stack([np.asarray(x) for x in v]), *trees)
+
+
+def tree_index(tree: Any, i: int) -> Any:
+    """Entry ``i`` of every leaf of a stacked pytree (NumPy)."""
+    return jax.tree_util.tree_map(lambda v: np.asarray(v[i]), tree)
+
+
+def put(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
+    """Move a stacked pytree to the device(s), split on the leading axis over ``mesh``."""
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, tree)
+    return jax.device_put(
+        tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MODEL_AXIS))
+    )
+
+
+def run_stage(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    states: Any,
+    data: Batch,
+    keys: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    layout: str,
+    mesh: jax.sharding.Mesh | None = None,
+    shared_data: bool = False,
+) -> Any:
+    """Train stacked ``states`` (``W`` lanes) for ``epochs`` epochs; returns the new stacked states.
+
+    ``data`` fields are stacked per lane, ``(W, M, ...)`` (with ``shared_data``: ``x, y, a, idx``
+    are one unstacked ``(M, ...)`` block read by every lane); ``data.mask`` ``(W, M)`` marks the
+    rows each lane trains on. ``keys`` ``(W, 2)``: lane ``w``'s epoch ``e`` shuffles with
+    ``fold_in(fold_in(keys[w], e), 0)`` and steps with ``fold_in(fold_in(keys[w], e), 1)``.
+    ``layout`` is ``scan`` or ``loop`` (see the module docstring).
+    """
+    rows = int(np.shape(data.mask)[1])
+    width = int(np.shape(data.mask)[0])
+    if shared_data:
+        stacked, mask, keys = put((states, data.mask, keys), mesh)
+        fields = jax.tree_util.tree_map(jnp.asarray, tuple(data[:4]))
+        if mesh is not None:
+            fields = jax.device_put(
+                fields, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            )
+        data = Batch(*fields, mask)
+    else:
+        stacked, data, keys = put((states, data, keys), mesh)
+    stage_fn, orders_fn, step_fn, nb = stage_programs(
+        model, tx, int(batch_size), int(epochs), rows, mesh, bool(shared_data)
+    )
+    if layout == "scan":
+        stacked, _ = stage_fn(stacked, data, keys)
+    elif layout == "loop":
+        for e in range(int(epochs)):
+            order, mask, step_keys = orders_fn(data.mask, keys, jnp.full((width,), e))
+            for b in range(nb):
+                stacked, _ = step_fn(stacked, data, order, mask, step_keys, jnp.full((width,), b))
+    else:
+        raise PrivDebiasError(f"run_stage needs layout 'scan' or 'loop', got {layout!r}")
+    return jax.device_get(stacked)
+
+
+def train_models(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    data: Dataset,
+    masks: Any,
+    key: PRNGKey,
+    *,
+    epochs: int,
+    batch_size: int,
+    layout: str = "auto",
+    width: int | None = None,
+    mesh: jax.sharding.Mesh | None | str = "auto",
+) -> TrainState:
+    """Train ``N`` models from scratch, model ``i`` on the rows of ``data`` where ``masks[i]`` is 1.
+
+    Model ``i`` is initialised from ``fold_in(fold_in(key, i), 0)`` and trained with lane key
+    ``fold_in(fold_in(key, i), 1)``; ``width`` lanes per program (default ``N``, the rest in
+    further calls). Returns the ``N`` states stacked on a leading axis (the shadow / reference
+    models of membership inference).
+
+    Raises:
+      PrivDebiasError: ``masks`` not ``(N, len(data))`` of 0/1, a model with no rows, bad
+        epochs / batch size / width.
+    """
+    masks = np.asarray(masks)
+    n_rows = len(data)
+    if masks.ndim != 2 or masks.shape[1] != n_rows:
+        raise PrivDebiasError(f"masks must have shape (N, {n_rows}), got {masks.shape}")
+    if not np.all((masks == 0) | (masks == 1)):
+        raise PrivDebiasError("masks must hold only 0 and 1")
+    if np.any(masks.sum(1) == 0):
+        raise PrivDebiasError(
+            f"model(s) {np.flatnonzero(masks.sum(1) == 0).tolist()} have no training rows"
+        )
+    if int(epochs) < 1 or int(batch_size) < 1:
+        raise PrivDebiasError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+    n = masks.shape[0]
+    width = n if width is None else int(width)
+    if not 1 <= width <= n:
+        raise PrivDebiasError(f"width must be in [1, {n}], got {width}")
+    input_shape = tuple(np.shape(data.x)[1:])
+    layout = resolve_layout(model, tx, input_shape, layout)
+    mesh = default_mesh(width) if isinstance(mesh, str) else mesh
+    init = init_program(model, tx, input_shape)
+    lane_keys = [jax.random.fold_in(key, i) for i in range(n)]
+    x, y, a, idx = (np.asarray(v) for v in data)
+    outs = []
+    for g in range(0, n, width):
+        lanes = list(range(g, min(g + width, n)))
+        pad = width - len(lanes)
+        lanes_p = lanes + [lanes[-1]] * pad
+        states = tree_stack(
+            [jax.device_get(init(jax.random.fold_in(lane_keys[i], 0))) for i in lanes_p]
+        )
+        m = np.stack([masks[i] for i in lanes] + [np.zeros(n_rows)] * pad).astype(np.float32)
+        block = Batch(x, y.astype(np.int32), a.astype(np.int32), idx, m)
+        keys = np.stack([np.asarray(jax.random.fold_in(lane_keys[i], 1)) for i in lanes_p])
+        out = run_stage(
+            model,
+            tx,
+            states,
+            block,
+            keys,
+            epochs=epochs,
+            batch_size=batch_size,
+            layout=layout,
+            mesh=mesh,
+            shared_data=True,
+        )
+        outs.extend(tree_index(out, j) for j in range(len(lanes)))
+    return tree_stack(outs)
+
+
+__all__ = [
+    "LAYOUTS",
+    "MODEL_AXIS",
+    "default_mesh",
+    "epoch_order",
+    "init_program",
+    "put",
+    "resolve_layout",
+    "run_stage",
+    "stage_programs",
+    "train_models",
+    "tree_index",
+    "tree_stack",
+]
