@@ -237,6 +237,27 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from privdebias_jax.privacy.attacks import ALL_ATTACKS
+    from privdebias_jax.privacy.driver import attack_and_report
+
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip()) if args.attacks else ALL_ATTACKS
+    unknown = sorted(set(attacks) - set(ALL_ATTACKS))
+    if unknown:
+        raise PrivDebiasError(f"unknown attack(s) {unknown}; known: {', '.join(ALL_ATTACKS)}")
+    results = attack_and_report(
+        args.from_dir, args.out, attacks=attacks, members=args.members, reference_models=args.reference_models,
+        reference_epochs=args.reference_epochs, seed=args.seed,
+    )
+    summary = {
+        name: {k: round(rep[k]["value"], 4) for k in ("auc", "balanced_accuracy", "tpr@1%fpr") if k in rep}
+        for name, rep in results["attacks"].items()
+    }
+    print(json.dumps(summary))
+    print(f"wrote {Path(args.out) / 'results.json'} and roc.png")
+    return 0
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)

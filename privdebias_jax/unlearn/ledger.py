@@ -52,6 +52,10 @@ class Ledger:
                 data = json.loads(self.path.read_text())
             except json.JSONDecodeError as err:
                 raise PrivDebiasError(f"ledger {self.path} is not valid JSON: {err}") from err
+            if not isinstance(data, dict):
+                raise PrivDebiasError(
+                    f"ledger {self.path} is not a ledger (expected a JSON object)"
+                )
             if data.get("plan_fingerprint") != fingerprint:
                 raise PrivDebiasError(
                     f"ledger {self.path} belongs to another plan (fingerprint mismatch)"

@@ -523,8 +523,13 @@ class SISAModel:
         meta_path = Path(directory).expanduser().resolve() / "meta.json"
         if not meta_path.exists():
             raise PrivDebiasError(f"{directory} is not a SISA directory (no meta.json)")
-        meta = json.loads(meta_path.read_text())
-        c = meta["config"]
+        try:
+            meta = json.loads(meta_path.read_text())
+            c = meta["config"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise PrivDebiasError(
+                f"{meta_path} is not valid JSON of a SISA directory: {err}"
+            ) from err
         config = SISAConfig(
             tuple(c["epochs_per_slice"]), int(c["batch_size"]), c["program_width"], c["layout"]
         )
