@@ -7,6 +7,8 @@ Subcommands (later capabilities add their own with :func:`build_parser`):
 * ``privdebias unlearn [--dataset D] [--shards S --slices R] [--forget-file F | --forget-fraction p]
   [--capacity K] [--baselines retrain,newton,...] --out DIR``: SISA training, exact forgetting
   and baselines (see :mod:`privdebias_jax.unlearn.driver`).
+* ``privdebias attack --from DIR --out DIR2``: every membership-inference attack on a saved
+  model (see :mod:`privdebias_jax.privacy.driver`).
 * ``privdebias run [--quick] [--out DIR]`` is the main job on the embedded data
   (see :mod:`privdebias_jax.run`).
 
@@ -241,16 +243,29 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     from privdebias_jax.privacy.attacks import ALL_ATTACKS
     from privdebias_jax.privacy.driver import attack_and_report
 
-    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip()) if args.attacks else ALL_ATTACKS
+    attacks = (
+        tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+        if args.attacks
+        else ALL_ATTACKS
+    )
     unknown = sorted(set(attacks) - set(ALL_ATTACKS))
     if unknown:
         raise PrivDebiasError(f"unknown attack(s) {unknown}; known: {', '.join(ALL_ATTACKS)}")
     results = attack_and_report(
-        args.from_dir, args.out, attacks=attacks, members=args.members, reference_models=args.reference_models,
-        reference_epochs=args.reference_epochs, seed=args.seed,
+        args.from_dir,
+        args.out,
+        attacks=attacks,
+        members=args.members,
+        reference_models=args.reference_models,
+        reference_epochs=args.reference_epochs,
+        seed=args.seed,
     )
     summary = {
-        name: {k: round(rep[k]["value"], 4) for k in ("auc", "balanced_accuracy", "tpr@1%fpr") if k in rep}
+        name: {
+            k: round(rep[k]["value"], 4)
+            for k in ("auc", "balanced_accuracy", "tpr@1%fpr")
+            if k in rep
+        }
         for name, rep in results["attacks"].items()
     }
     print(json.dumps(summary))
@@ -352,6 +367,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="results/unlearn", help="output directory (SISA checkpoints in DIR/sisa)"
     )
     p.set_defaults(func=_cmd_unlearn, dataset_required=False)
+
+    p = sub.add_parser(
+        "attack", help="membership-inference attacks on a saved model (privdebias train --out DIR)"
+    )
+    p.add_argument(
+        "--from", dest="from_dir", required=True, help="a `privdebias train --out` directory"
+    )
+    p.add_argument(
+        "--attacks",
+        help="comma list (default all): loss, confidence, entropy, modified_entropy, "
+        "m_loss, m_mean, m_moments, lira_online, lira_offline, shadow",
+    )
+    p.add_argument(
+        "--members", type=_positive_int, default=500, help="members and non-members sampled (each)"
+    )
+    p.add_argument(
+        "--reference-models",
+        type=_positive_int,
+        default=8,
+        help="LiRA/shadow reference models (even)",
+    )
+    p.add_argument(
+        "--reference-epochs",
+        type=_positive_int,
+        help="epochs of each reference model (default: the model's)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_attack)
 
     p = sub.add_parser(
         "run", help="the main job on the embedded data: results.json, report.md, figures"
