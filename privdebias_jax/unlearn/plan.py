@@ -118,6 +118,73 @@ class ShardPlan:
             "slots": self.slots.reshape(-1).tolist(),
         }
 
+    def extend(
+        self, new_ids: Any, key: PRNGKey | int = 0, shards: Any | None = None
+    ) -> ShardPlan:
+        """A plan with ``new_ids`` appended as new slices after the existing ones.
+
+        The new ids are dealt at random (``key``) over ``shards`` (default: all), as evenly as
+        possible, into ``k = ⌈n_new / (|shards| · c)⌉`` new slices of the same capacity ``c``.
+        Existing slots never move, so every checkpoint of the existing stages stays valid, and a
+        shard whose new slices hold only padding has nothing new to learn (SISA skips such stages:
+        see :meth:`privdebias_jax.unlearn.SISAModel.add`). This is how synthetic samples join a
+        trained SISA model: only the shards that receive samples retrain, and only the new stages.
+
+        Raises:
+          PrivDebiasError: no new ids, negative or duplicate ids, ids already in the plan, or
+            ``shards`` out of range / duplicated.
+        """
+        new_ids = np.asarray(new_ids).reshape(-1)
+        if new_ids.size == 0:
+            raise PrivDebiasError("extend needs at least one new sample id")
+        if not np.issubdtype(new_ids.dtype, np.integer):
+            raise PrivDebiasError(f"sample ids must be integers, got dtype {new_ids.dtype}")
+        new_ids = new_ids.astype(np.int64)
+        if np.any(new_ids < 0):
+            raise PrivDebiasError("sample ids must be non-negative")
+        if np.unique(new_ids).size != new_ids.size:
+            raise PrivDebiasError("new sample ids must be unique")
+        clash = new_ids[np.isin(new_ids, self.ids)]
+        if clash.size:
+            raise PrivDebiasError(
+                f"id(s) {clash[:10].tolist()} are already in the plan; new samples need fresh ids"
+            )
+        s, c = self.num_shards, self.slice_capacity
+        targets = np.arange(s) if shards is None else np.asarray(shards, np.int64).reshape(-1)
+        if targets.size == 0 or np.any((targets < 0) | (targets >= s)) or np.unique(targets).size != targets.size:
+            raise PrivDebiasError(
+                f"shards must be distinct shard indices in [0, {s}), got {np.asarray(shards).tolist()}"
+            )
+        if isinstance(key, (int, np.integer)):
+            key = jax.random.PRNGKey(int(key))
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        rng = np.random.default_rng(seed)
+        order = new_ids[rng.permutation(new_ids.size)]
+        k = math.ceil(new_ids.size / (targets.size * c))
+        added = np.full((s, k * c), PADDING_ID, np.int64)
+        # Deal round-robin over a random order of the target shards: sizes differ by at most one.
+        shard_order = targets[rng.permutation(targets.size)]
+        for j, shard in enumerate(shard_order):
+            members = order[j :: targets.size]
+            added[shard, : members.size] = members
+        # Spread each shard's new samples over its k new slices evenly (balanced slices).
+        for shard in targets:
+            row = added[shard]
+            m = int(np.sum(row != PADDING_ID))
+            sizes = np.full(k, m // k) + (np.arange(k) < m % k)
+            spread = np.full(k * c, PADDING_ID, np.int64)
+            pos = 0
+            for j in range(k):
+                spread[j * c : j * c + sizes[j]] = row[pos : pos + sizes[j]]
+                pos += sizes[j]
+            added[shard] = spread
+        slots = np.concatenate([self.slots, added.reshape(s, k, c)], axis=1)
+        return ShardPlan(slots=slots, strategy=self.strategy)
+
+    def slice_is_empty(self, shard: int, slice_: int) -> bool:
+        """Whether slice ``slice_`` of ``shard`` holds only padding (possible after :meth:`extend`)."""
+        return bool(np.all(self.slots[shard, slice_] == PADDING_ID))
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardPlan:
         slots = np.asarray(data["slots"], np.int64).reshape(data["shape"])

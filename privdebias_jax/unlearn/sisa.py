@@ -203,6 +203,7 @@ class SISAModel:
                 f"program_width must be in [1, {s}] (the number of shards), got {config.program_width}"
             )
         self.mesh = default_mesh(self.width) if isinstance(mesh, str) else mesh
+        self.train_set = train_set
         self._build_slot_data(train_set)
         self.input_shape = tuple(np.shape(train_set.x)[1:])
         self.layout = config.layout
@@ -218,8 +219,9 @@ class SISAModel:
             lambda k: create_train_state(model, tx, k, self.input_shape), jax.random.PRNGKey(0)
         )
         self.fingerprint = self._fingerprint()
+        self.lineage = self.fingerprint
         self._check_directory()
-        self.ledger = Ledger(self.directory / "ledger.json", self.fingerprint)
+        self.ledger = Ledger(self.directory / "ledger.json", self.lineage)
         self.states: list[TrainState | None] = [None] * s
 
     # ------------------------------------------------------------------ layout and identity
@@ -259,6 +261,7 @@ class SISAModel:
     def _meta(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
+            "lineage": self.lineage,
             "plan": self.plan.to_json(),
             "config": self.config.to_json(),
             "key": self.key.tolist(),
@@ -269,9 +272,13 @@ class SISAModel:
         meta = self.directory / "meta.json"
         if meta.exists():
             try:
-                found = json.loads(meta.read_text()).get("fingerprint")
-            except json.JSONDecodeError as err:
-                raise PrivDebiasError(f"{meta} is not valid JSON: {err}") from err
+                data = json.loads(meta.read_text())
+                found = data.get("fingerprint")
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise PrivDebiasError(f"{meta} is not valid JSON of a SISA directory: {err}") from err
+            # The ledger belongs to the directory's lineage: the plan it was created with, kept
+            # through :meth:`add` (which extends the plan and changes the fingerprint).
+            self.lineage = str(data.get("lineage", found))
             if found != self.fingerprint:
                 raise PrivDebiasError(
                     f"checkpoint directory {self.directory} belongs to another SISA plan or configuration "
@@ -337,6 +344,14 @@ class SISAModel:
                         state = jax.tree_util.tree_map(np.asarray, self._restore(s, t))
                     current[s] = state
                     cost.restore_seconds += time.perf_counter() - t0
+            # A slice that holds only padding (a shard that received no samples in
+            # :meth:`add`) adds no stage: the state carries over unchanged.
+            skipped = [s for s in lanes if self.plan.slice_is_empty(s, t)]
+            for s in skipped:
+                t0 = time.perf_counter()
+                self._save(s, t + 1, current[s])
+                cost.save_seconds += time.perf_counter() - t0
+            lanes = [s for s in lanes if s not in skipped]
             for g in range(0, len(lanes), self.width):
                 group = lanes[g : g + self.width]
                 outs = self._run_stage(t, group, [current[s] for s in group], cost)
@@ -474,6 +489,60 @@ class SISAModel:
         for start in range(0, ordered.size, int(capacity)):
             reports.append(self.forget(ordered[start : start + int(capacity)]))
         return reports
+
+    def add(
+        self,
+        new_set: Dataset,
+        *,
+        key: PRNGKey | int = 0,
+        shards: Sequence[int] | None = None,
+        epochs: int | None = None,
+        progress: bool = False,
+    ) -> RetrainCost:
+        """Add new samples (e.g. synthetic ones) as new slices; retrain only the shards that got any.
+
+        The plan is extended by :meth:`ShardPlan.extend` (``new_set``'s ids dealt at random over
+        ``shards``, default all, into ``k`` new slices of the same capacity); every new stage
+        trains ``epochs`` epochs (default: the last stage's). Shards whose new slices are empty
+        skip the new stages (their parameters do not change), so after ``add`` every shard equals,
+        bitwise on CPU, the shard trained from scratch on the extended plan. ``meta.json`` is
+        rewritten atomically *before* training, so an interrupted ``add`` is completed by
+        :meth:`open` with the combined data (old training set + ``new_set``). Pending deletion
+        requests are completed first. Later :meth:`forget` calls may name the new ids too.
+
+        Raises:
+          PrivDebiasError: an empty ``new_set``, samples of another shape, ids that are negative,
+            duplicated or already in the plan (or the ledger), bad ``shards`` or ``epochs < 1``.
+        """
+        n_new = len(new_set)
+        if n_new == 0:
+            raise PrivDebiasError("add needs at least one new sample")
+        if tuple(np.shape(new_set.x)[1:]) != self.input_shape:
+            raise PrivDebiasError(
+                f"new samples have shape {tuple(np.shape(new_set.x)[1:])}, the shards were trained "
+                f"on {self.input_shape}"
+            )
+        e = int(self.config.epochs_per_slice[-1]) if epochs is None else int(epochs)
+        if e < 1:
+            raise PrivDebiasError(f"epochs must be at least 1, got {epochs}")
+        new_ids = np.asarray(new_set.idx, np.int64)
+        if np.any(np.isin(new_ids, self.ledger.forgotten)):
+            raise PrivDebiasError("new samples reuse ids that were forgotten; give them fresh ids")
+        plan = self.plan.extend(new_ids, key, shards)
+        if self.ledger.pending.size:
+            self.recover()
+        k = plan.num_slices - self.plan.num_slices
+        config = dataclasses.replace(
+            self.config, epochs_per_slice=tuple(self.config.epochs_per_slice) + (e,) * k
+        )
+        from privdebias_jax.data.dataset import concat
+
+        combined = concat(self.train_set, new_set)
+        self.plan, self.config, self.train_set = plan, config, combined
+        self._build_slot_data(combined)
+        self.fingerprint = self._fingerprint()
+        atomic_write_json(self.directory / "meta.json", self._meta())
+        return self.train(progress=progress, resume=True)
 
     def shard_state(self, shard: int) -> TrainState:
         """The current (final-stage) state of one shard."""
