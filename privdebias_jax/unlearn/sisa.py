@@ -535,9 +535,11 @@ class SISAModel:
         config = dataclasses.replace(
             self.config, epochs_per_slice=tuple(self.config.epochs_per_slice) + (e,) * k
         )
-        from privdebias_jax.data.dataset import concat
+        from privdebias_jax.data.dataset import concat, subset
 
-        combined = concat(self.train_set, new_set)
+        # ``train_set`` may already hold the new rows (a model opened with the combined data)
+        keep = np.flatnonzero(~np.isin(np.asarray(self.train_set.idx), new_ids))
+        combined = concat(subset(self.train_set, keep), new_set)
         self.plan, self.config, self.train_set = plan, config, combined
         self._build_slot_data(combined)
         self.fingerprint = self._fingerprint()
