@@ -124,7 +124,14 @@ def memorising_setup():
 def test_memorised_training_set_gives_auc_near_one(memorising_setup):
     model, tx, state, train, non, _ = memorising_setup
     ref = train_reference_models(
-        model, tx, _concat(train, non), 4, key=jax.random.PRNGKey(3), epochs=60, batch_size=30
+        model,
+        tx,
+        _concat(train, non),
+        4,
+        key=jax.random.PRNGKey(3),
+        epochs=60,
+        batch_size=30,
+        layout="lanes",  # per-sample halves; teams are checked against plain training in test_privacy_shadow.py
     )
     suite = attack_suite(
         (model, state.params, state.model_state),

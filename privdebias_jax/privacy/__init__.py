@@ -9,6 +9,8 @@
   and how well the private attribute (colour) can be read from its reconstructions.
 * :mod:`~privdebias_jax.privacy.membership`: membership scores (LOSS, confidence, entropy,
   modified entropy, M-Loss / M-Mean / M-Moments with augmentations, LiRA, shadow features).
+* :mod:`~privdebias_jax.privacy.shadow`: shadow / reference models trained together (teams of
+  models sharing each batch), or lane by lane, or one by one.
 * :mod:`~privdebias_jax.privacy.attacks`: the attack suite on one target (calibrated
   thresholds, reference models trained together, unlearning audit).
 
@@ -18,13 +20,14 @@ Each submodule's public names are re-exported here; a new submodule adds itself 
 
 from __future__ import annotations
 
-from privdebias_jax.privacy import attacks, membership, metrics, probe, reconstruction
+from privdebias_jax.privacy import attacks, membership, metrics, probe, reconstruction, shadow
 from privdebias_jax.privacy.attacks import *  # noqa: F403
 from privdebias_jax.privacy.membership import *  # noqa: F403
 from privdebias_jax.privacy.metrics import *  # noqa: F403
 from privdebias_jax.privacy.probe import *  # noqa: F403
 from privdebias_jax.privacy.reconstruction import *  # noqa: F403
+from privdebias_jax.privacy.shadow import *  # noqa: F403
 
-_SUBMODULES = (metrics, probe, reconstruction, membership, attacks)
+_SUBMODULES = (metrics, probe, reconstruction, membership, shadow, attacks)
 
 __all__ = [name for module in _SUBMODULES for name in module.__all__]
