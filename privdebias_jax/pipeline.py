@@ -211,7 +211,12 @@ def train_and_evaluate(
     progress: bool = True,
     resume: bool = False,
 ) -> TrainedModel:
-    """Train a vanilla model as ``config`` says, evaluate it, and save it under ``workdir``.
+    """Train a model as ``config`` says, evaluate it, and save it under ``workdir``.
+
+    ``config.method`` (optional, default ``vanilla``) picks a debiasing method of
+    :mod:`privdebias_jax.debias.methods` (``end``, ``learned_mixin``, ``rubi``, ``rebias``) with
+    ``config.alpha`` / ``config.beta``; the saved, evaluated and returned model is the main
+    network alone (any bias branch is dropped after training).
 
     Keys: the parameters start from ``fold_in(key(seed), 2)``, batches from
     ``fold_in(key(seed), 3)``, counterfactual colours from ``fold_in(key(seed), 4)``: the
@@ -225,30 +230,43 @@ def train_and_evaluate(
     spec = spec_from_config(config, splits)
     model, tx = spec.build()
     root = jax.random.key(int(config.seed))
-    state = create_train_state(model, tx, jax.random.fold_in(root, 2), spec.input_shape)
+    from privdebias_jax.debias.methods import main_train_state, method_from_config, setup_method
+
+    method, alpha, beta = method_from_config(config)
+    setup = setup_method(
+        method, model, splits.num_classes, splits.num_attributes, spec.input_shape,
+        train_set=splits.train, alpha=alpha, beta=beta, preset=str(config.get("preset", "cpu")),
+        end_center=bool(config.get("end_center", True)),
+    )
+    state = create_train_state(setup.model, tx, jax.random.fold_in(root, 2), spec.input_shape)
     ckpt_dir = Path(workdir).resolve() / "train_ckpt" if workdir is not None else None
     t1 = time.perf_counter()
     result = fit(
-        model,
+        setup.model,
         tx,
         state,
         splits.train,
         epochs=int(config.epochs),
         batch_size=int(config.batch_size),
         key=jax.random.fold_in(root, 3),
+        loss=setup.loss,
+        regularizer=setup.regularizer,
         checkpoint_dir=ckpt_dir,
         resume=resume,
         progress=progress,
-        desc=f"train {config.model} on {splits.name}",
+        desc=f"train {config.model} ({method}) on {splits.name}",
     )
     jax.block_until_ready(result.state.params)
     train_seconds = time.perf_counter() - t1
+    result = result._replace(state=main_train_state(setup, result.state, tx))
     evaluation = evaluate_model(model, result.state, splits, key=jax.random.fold_in(root, 4))
     results = dict(evaluation)
     results.update(
         dataset=splits.name,
         rho=splits.info.get("rho"),
         model=spec.model,
+        method=method,
+        method_settings=setup.settings,
         num_params=count_params(result.state.params),
         train_size=len(splits.train),
         epochs=int(config.epochs),
