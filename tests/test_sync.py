@@ -67,10 +67,18 @@ def _fixed_plan(train_set, num_classes, num_attributes, *, target_bias=None, max
     return counts  # 90 bias-conflicting samples per round
 
 
-@pytest.fixture
-def doubles(monkeypatch):
-    monkeypatch.setattr(augment_pkg, "generate", _perfect_generate, raising=False)
-    monkeypatch.setattr(augment_pkg, "plan_augmentation", _fixed_plan, raising=False)
+@pytest.fixture(scope="module")
+def doubles():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(augment_pkg, "generate", _perfect_generate, raising=False)
+        mp.setattr(augment_pkg, "plan_augmentation", _fixed_plan, raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def whole(doubles, tmp_path_factory):
+    """One uninterrupted 2-round loop, shared by the tests below."""
+    return _run(tmp_path_factory.mktemp("sync"), "whole")
 
 
 def test_forget_budget_and_options():
@@ -133,8 +141,8 @@ def _leaves(ctx, directory, data):
     return [np.asarray(v) for v in jax.tree_util.tree_leaves(sisa.stacked_state().params)], sisa
 
 
-def test_loop_adds_forgets_and_resumes_to_the_same_state(tmp_path, doubles, monkeypatch):
-    ctx, state, out = _run(tmp_path, "whole")
+def test_loop_adds_forgets_and_resumes_to_the_same_state(tmp_path, whole, monkeypatch):
+    ctx, state, out = whole
     assert state.round == 2 and len(state.history) == 3 and state.stopped
     budget = sync.forget_budget(len(SPLITS.train), 0.05, 2)
     assert [len(f) for f in state.forgotten] == budget
@@ -178,8 +186,8 @@ def test_loop_adds_forgets_and_resumes_to_the_same_state(tmp_path, doubles, monk
         assert state2.history[-1][k] == pytest.approx(state.history[-1][k], abs=1e-6)
 
 
-def test_naive_combination_uses_one_augmentation_and_one_forget(tmp_path, doubles):
-    ctx, state, out = _run(tmp_path, "whole", key=1)
+def test_naive_combination_uses_one_augmentation_and_one_forget(whole):
+    ctx, state, out = whole
     naive = sync.naive_combination(ctx, out / "naive", out / "sisa_vanilla", jax.random.PRNGKey(1))
     m = naive["metrics"]
     assert m["added"] == 90 and m["forgotten_now"] == round(0.05 * len(SPLITS.train))
