@@ -124,10 +124,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from privdebias_jax.debias.methods import check_method
     from privdebias_jax.pipeline import train_and_evaluate
     from privdebias_jax.report import write_json
 
     config = config_from_args(args)
+    config.method = check_method(args.method)
+    config.alpha, config.beta, config.preset = args.alpha, args.beta, args.preset
     out = Path(args.out)
     trained = train_and_evaluate(config, out, progress=not args.no_progress, resume=args.resume)
     path = write_json(out / "results.json", trained.results)
@@ -299,8 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a vanilla model and write DIR/results.json")
+    p = sub.add_parser(
+        "train", help="train a model (vanilla or a debiasing method) and write DIR/results.json"
+    )
     add_training_options(p)
+    p.add_argument(
+        "--method",
+        default="vanilla",
+        help="vanilla, end, learned_mixin, rubi or rebias (privdebias_jax.debias.methods)",
+    )
+    p.add_argument("--alpha", type=float, help="EnD's α (default 0.1) or ReBias's λ_f (default 1)")
+    p.add_argument("--beta", type=float, help="EnD's β (default 0.1) or ReBias's λ_g (default 1)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_ckpt")
     p.set_defaults(func=_cmd_train, dataset_required=True)
