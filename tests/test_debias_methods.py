@@ -320,3 +320,21 @@ def test_study_script_tiny(tmp_path):
     assert summ["private_accuracy"]["mean"] == pytest.approx(np.mean([r["private_accuracy"] for r in rows]))
     assert summ["anchor_private"] == 0.146 and all(r["private_ci_low"] <= r["private_accuracy"] for r in rows)
     assert study.get_config().method == "end"
+
+
+def test_celeba_config_on_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("celeba_privacy", ROOT / "experiments" / "celeba_privacy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert (c.target, c.attribute, c.method) == ("Blond_Hair", "Male", "end")
+    with tfds.testing.mock_data(num_examples=24):
+        payload = mod.main(["--out", str(tmp_path), "--max-train", "24", "--max-test", "24", "--image-size", "8",
+                            "--epochs", "1", "--model", "mlp", "--methods", "end"])
+    assert [r["method"] for r in payload["rows"]] == ["end"]
+    for r in payload["rows"]:
+        assert 0.0 <= r["target_accuracy"] <= 1.0 and r["private_ci"][0] <= r["private_accuracy"] <= r["private_ci"][1]
+    assert json.loads((tmp_path / "results.json").read_text())["train_size"] == 24
