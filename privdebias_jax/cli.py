@@ -288,9 +288,56 @@ def _fraction(text: str) -> float:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from privdebias_jax.run import run_main_job
+    from privdebias_jax.sync import get_sync_options
 
     config = config_from_args(args)
-    run_main_job(config, Path(args.out), quick=args.quick, progress=not args.no_progress)
+    config.sync = get_sync_options(args.quick)
+    for field in ("rounds", "shards", "slices", "forget_rate", "forget_strategy", "capacity", "delta"):
+        value = getattr(args, field)
+        if value is not None:
+            config.sync[field] = value
+    if args.no_naive:
+        config.sync.naive = False
+    run_main_job(
+        config, Path(args.out), quick=args.quick, progress=not args.no_progress, resume=args.resume
+    )
+    return 0
+
+
+def _cmd_augment(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from privdebias_jax.augment import AugmentConfig
+    from privdebias_jax.augment.driver import augment_and_evaluate, summary_line
+    from privdebias_jax.report import write_json
+
+    base = AugmentConfig.tiny() if args.quick else AugmentConfig.cpu_default(image_size=args.image_size)
+    overrides = {
+        "denoiser": args.denoiser,
+        "epochs": args.epochs,
+        "sample_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "kl_scale": args.kl_scale,
+    }
+    config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None}).validate()
+    out = Path(args.out)
+    results = augment_and_evaluate(
+        args.dataset,
+        out,
+        quick=args.quick,
+        seed=args.seed,
+        config=config,
+        rho=args.rho,
+        image_size=config.image_size,
+        target_fraction=args.target_fraction,
+        max_new=args.max_new,
+        eta=args.eta,
+        checkpoint_dir=out / "checkpoints",
+        progress=not args.no_progress,
+    )
+    print(summary_line(results))
+    path = write_json(out / "results.json", results)
+    print(f"wrote {path} and {results['grid_png']}")
     return 0
 
 
@@ -415,7 +462,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_options(p, dataset_required=False)
     p.add_argument("--out", default="results/run", help="output directory (default results/run)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    p.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    p.add_argument("--rounds", type=int, help="sync-loop rounds (default 3)")
+    p.add_argument("--shards", type=int, help="SISA shards S (default 4)")
+    p.add_argument("--slices", type=int, help="SISA slices R per shard (default 2)")
+    p.add_argument("--forget-rate", type=float, help="share of the originals to forget, in (0, 1) (default 0.1)")
+    p.add_argument("--forget-strategy", choices=("exposed", "random"), help="which originals to forget")
+    p.add_argument("--capacity", type=int, help="deletions per step (default: a round's share in one step)")
+    p.add_argument("--delta", type=float, help="target KL/MI bias of the data, nats")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive-combination baseline")
     p.set_defaults(func=_cmd_run, dataset_required=False)
+
+    p = sub.add_parser(
+        "augment",
+        help="bias-guided diffusion augmentation: bias before/after, sample quality, unbiased accuracy",
+    )
+    p.add_argument("--dataset", choices=("biased-mnist", "colored-mnist"), default="biased-mnist")
+    p.add_argument("--rho", type=_rho, default=0.99, help="P(colour = digit), in [0, 1]")
+    p.add_argument("--image-size", type=_positive_int, default=14, help="image side (default 14)")
+    p.add_argument("--denoiser", choices=("mlp", "conv", "unet"), help="denoiser (default mlp)")
+    p.add_argument("--epochs", type=_non_negative_int, help="denoiser training epochs")
+    p.add_argument("--steps", type=_positive_int, help="DDIM sampling steps")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance weight w >= 0")
+    p.add_argument("--kl-scale", type=float, help="KL-gradient guidance step s >= 0 (0 = off)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta >= 0 (0 = deterministic)")
+    p.add_argument(
+        "--target-fraction",
+        type=float,
+        default=0.2,
+        help="target mutual-information bias as a fraction of the current one (default 0.2)",
+    )
+    p.add_argument("--max-new", type=_non_negative_int, help="cap on the number of synthetic samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="output directory (checkpoints in DIR/checkpoints)")
+    p.set_defaults(func=_cmd_augment)
     return parser
 
 

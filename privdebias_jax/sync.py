@@ -113,6 +113,7 @@ def measure(
     forgotten: Dataset | None,
     *,
     key: PRNGKey,
+    forgotten_nonmembers: Dataset | None = None,
     attack_size: int,
     attacks: tuple[str, ...] = ROUND_ATTACKS,
     num_resamples: int = 100,
@@ -125,7 +126,12 @@ def measure(
       2021, Yeom et al. 2018, Song & Mittal 2021) on ``attack_size`` originals still trained on
       vs as many non-members from the biased test set (same distribution);
     * ``membership_forgotten``: the same attacks on forgotten originals vs non-members (after
-      exact unlearning they are non-members: chance is the goal).
+      exact unlearning they are non-members: chance is the goal). Forgotten originals chosen by
+      exposure are the *easiest* samples, so they are compared with ``forgotten_nonmembers``:
+      held-out samples picked by the same rule from the biased test set (see
+      :func:`matched_nonmembers`); otherwise the attack would detect easiness, not membership;
+    * ``private_class_accuracy``: the linear attribute probe on the bottleneck features over the
+      unbiased test set (seed 001's attack; chance = 1 / #attributes), when there is one.
     """
     from privdebias_jax.privacy.attacks import attack_suite, sample_members
 
@@ -137,8 +143,8 @@ def measure(
     out: dict[str, Any] = {k: v for k, v in ev.items() if k != "splits"}
     out.update({f"data_{k}": v for k, v in data_bias(train_now, splits.num_classes, splits.num_attributes).items()})
 
-    def suite(members: Dataset, sub: int) -> dict[str, Any]:
-        m, n = sample_members(members, splits.test, attack_size, jax.random.fold_in(key, sub))
+    def suite(members: Dataset, sub: int, pool: Dataset) -> dict[str, Any]:
+        m, n = sample_members(members, pool, attack_size, jax.random.fold_in(key, sub))
         res = attack_suite(
             target, m, n, key=jax.random.fold_in(key, sub + 1), attacks=attacks,
             num_resamples=num_resamples, slices=False,
@@ -160,9 +166,19 @@ def measure(
             "roc": {k: [np.asarray(s).tolist(), np.asarray(lab).tolist()] for k, (s, lab) in res["scores"].items()},
         }
 
-    out["membership"] = suite(originals_in, 10)
+    if splits.test_unbiased is not None:
+        from privdebias_jax.privacy.probe import attribute_probe
+
+        probe = attribute_probe(
+            module, target[1], target[2], splits.test_unbiased, splits.num_attributes,
+            key=jax.random.fold_in(key, 30),
+        )
+        out["private_class_accuracy"] = probe["accuracy"]
+        out["private_class_chance"] = probe.get("chance")
+    out["membership"] = suite(originals_in, 10, splits.test)
     if forgotten is not None and len(forgotten) >= 2:
-        out["membership_forgotten"] = suite(forgotten, 20)
+        pool = forgotten_nonmembers if forgotten_nonmembers is not None else splits.test
+        out["membership_forgotten"] = suite(forgotten, 20, pool)
     out["measure_seconds"] = time.perf_counter() - t0
     return out
 
@@ -194,6 +210,18 @@ def choose_forget_ids(
     else:
         raise PrivDebiasError(f"unknown forget strategy {strategy!r}; expected one of {FORGET_STRATEGIES}")
     return np.sort(ids[order[:count]])
+
+
+def matched_nonmembers(
+    target: tuple[Any, Any, Any], pool: Dataset, fraction: float, strategy: str, key: PRNGKey
+) -> np.ndarray:
+    """Held-out ids picked by the forget rule at the same rate: the top ``fraction`` of ``pool``
+    by exposure under the same model (``exposed``), or a random ``fraction`` (``random``).
+
+    The audit of a forgotten set compares it with these: both sets are then selected the same way
+    from the same distribution, and only membership differs (before unlearning)."""
+    count = max(2, int(round(float(fraction) * len(pool))))
+    return choose_forget_ids(target, pool, count, strategy, key)
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,7 +315,24 @@ def _forgotten_originals(sisa: SISAModel, originals: Dataset) -> Dataset | None:
     return subset(originals, np.flatnonzero(np.isin(np.asarray(originals.idx), gone)))
 
 
-def _measure(ctx: SyncContext, sisa: SISAModel, data: Dataset, key: PRNGKey) -> dict[str, Any]:
+def _read_forget_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = json.loads(path.read_text())
+    return np.asarray(data["forget"], np.int64), np.asarray(data["matched"], np.int64)
+
+
+def _matched_pool(ctx: SyncContext, directory: Path) -> Dataset | None:
+    """The matched non-members of every forget file in ``directory`` (``None`` if none)."""
+    ids = [_read_forget_file(f)[1] for f in sorted(directory.glob("forget*.json"))]
+    ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    if ids.size < 2:
+        return None
+    test = ctx.splits.test
+    return subset(test, np.flatnonzero(np.isin(np.asarray(test.idx), ids)))
+
+
+def _measure(
+    ctx: SyncContext, sisa: SISAModel, data: Dataset, key: PRNGKey, directory: Path | None = None
+) -> dict[str, Any]:
     originals = ctx.splits.train
     alive = _alive(sisa, data)
     in_orig = remove_ids(originals, sisa.forgotten) if sisa.forgotten.size else originals
@@ -299,7 +344,23 @@ def _measure(ctx: SyncContext, sisa: SISAModel, data: Dataset, key: PRNGKey) -> 
         _forgotten_originals(sisa, originals),
         key=key,
         attack_size=int(ctx.sync.attack_size),
+        forgotten_nonmembers=None if directory is None else _matched_pool(ctx, directory),
     )
+
+
+def _choose(
+    ctx: SyncContext, sisa: SISAModel, candidates: Dataset, count: int, key: PRNGKey, path: Path
+) -> np.ndarray:
+    """Pick (or reload) the originals to forget and their matched held-out set; saved first."""
+    if path.exists():
+        return _read_forget_file(path)[0]
+    target = sisa.ensemble(ctx.aggregate)
+    strategy = str(ctx.sync.forget_strategy)
+    ids = choose_forget_ids(target, candidates, count, strategy, jax.random.fold_in(key, 0))
+    fraction = ids.size / max(len(candidates), 1)
+    matched = matched_nonmembers(target, ctx.splits.test, fraction, strategy, jax.random.fold_in(key, 1))
+    atomic_write_json(path, {"forget": ids.tolist(), "matched": matched.tolist()})
+    return ids
 
 
 def _stop_reason(ctx: SyncContext, m: dict[str, Any]) -> str | None:
@@ -359,25 +420,17 @@ def sync_round(
     _add_seconds(state, "add_to_shards", time.perf_counter() - t)
     # 3. forget originals step-wise
     t = time.perf_counter()
-    forget_path = directory / f"forget_{r}.json"
-    if forget_path.exists():
-        ids = np.asarray(json.loads(forget_path.read_text()), np.int64)
-    else:
-        budget = forget_budget(len(splits.train), float(ctx.sync.forget_rate), int(ctx.sync.rounds))
-        count = budget[r - 1] if r - 1 < len(budget) else 0
-        candidates = remove_ids(splits.train, sisa.forgotten) if sisa.forgotten.size else splits.train
-        ids = choose_forget_ids(
-            sisa.ensemble(ctx.aggregate), candidates, count, str(ctx.sync.forget_strategy),
-            jax.random.fold_in(rkey, 3),
-        )
-        atomic_write_json(forget_path, ids.tolist())
+    budget = forget_budget(len(splits.train), float(ctx.sync.forget_rate), int(ctx.sync.rounds))
+    count = budget[r - 1] if r - 1 < len(budget) else 0
+    candidates = remove_ids(splits.train, sisa.forgotten) if sisa.forgotten.size else splits.train
+    ids = _choose(ctx, sisa, candidates, count, jax.random.fold_in(rkey, 3), directory / f"forget_{r}.json")
     if ids.size:
         capacity = int(ctx.sync.capacity) or int(ids.size)
         sisa.forget_stepwise(ids, capacity)
     _add_seconds(state, "forget", time.perf_counter() - t)
     # 4. measure
     t = time.perf_counter()
-    m = _measure(ctx, sisa, data, jax.random.fold_in(rkey, 4))
+    m = _measure(ctx, sisa, data, jax.random.fold_in(rkey, 4), directory)
     m["round"] = r
     m["added"] = int(len(synthetic))
     m["forgotten_now"] = int(ids.size)
@@ -489,19 +542,11 @@ def naive_combination(
     seconds["add_to_shards"] = time.perf_counter() - t
     t = time.perf_counter()
     count = int(round(float(ctx.sync.forget_rate) * len(splits.train)))
-    forget_path = directory / "forget.json"
-    if forget_path.exists():
-        ids = np.asarray(json.loads(forget_path.read_text()), np.int64)
-    else:
-        ids = choose_forget_ids(
-            sisa.ensemble(ctx.aggregate), splits.train, count, str(ctx.sync.forget_strategy),
-            jax.random.fold_in(key, 3),
-        )
-        atomic_write_json(forget_path, ids.tolist())
+    ids = _choose(ctx, sisa, splits.train, count, jax.random.fold_in(key, 3), directory / "forget.json")
     sisa.forget(ids)
     seconds["forget"] = time.perf_counter() - t
     t = time.perf_counter()
-    m = _measure(ctx, sisa, data, jax.random.fold_in(key, 4))
+    m = _measure(ctx, sisa, data, jax.random.fold_in(key, 4), directory)
     seconds["measure"] = time.perf_counter() - t
     m["added"], m["forgotten_now"] = int(len(synthetic)), int(ids.size)
     out = {"metrics": m, "seconds": seconds}
@@ -547,7 +592,7 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     c.naive = True
     if quick:
         c.rounds = 2
-        c.max_new_per_round = 60
+        c.max_new_per_round = 200
         c.attack_size = 40
     return c
 
@@ -674,6 +719,7 @@ __all__ = [
     "plot_rounds",
     "roc_figure",
     "load_dataset_file",
+    "matched_nonmembers",
     "measure",
     "naive_combination",
     "run_sync",
