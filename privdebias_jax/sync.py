@@ -591,7 +591,8 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     c.aggregate = "mean_softmax"
     c.naive = True
     if quick:
-        c.rounds = 2
+        c.rounds = 1
+        c.shards = 2
         c.max_new_per_round = 200
         c.attack_size = 40
     return c

@@ -96,9 +96,31 @@ def test_run_quick_writes_the_results_folder(tmp_path, capsys):
     assert abs(res["data"]["fraction_aligned"] - 0.99) < 0.03
     report = (out / "report.md").read_text()
     assert "accuracy, unbiased test" in report and f"{v['acc_unbiased']:.3f}" in report
-    for fig in ("samples.png", "cell_accuracy_vanilla.png", "cell_accuracy_fmd.png", "training.png"):
+    for fig in (
+        "samples.png", "cell_accuracy_vanilla.png", "cell_accuracy_fmd.png", "training.png",
+        "generated_per_cell.png", "rounds.png", "roc.png",
+    ):
         assert (out / fig).stat().st_size > 1000
     assert "accuracy, unbiased test" in capsys.readouterr().out
+    # the sync loop: rounds recorded, its last round is the "sync" column, data bias recomputable
+    sync_res = res["sync"]
+    assert sync_res["rounds"] == len(sync_res["history"]) - 1 >= 1
+    last = sync_res["history"][-1]
+    assert res["measured"]["sync"]["data_kl_bias"] == last["data_kl_bias"]
+    assert f"{last['data_kl_bias']:.3f}" in report and "naive" in report
+    assert sum(sync_res["forgotten_per_round"]) == round(0.1 * res["data"]["train_size"])
+    state = json.loads((out / "sync" / "state.json").read_text())
+    assert state["round"] == sync_res["rounds"] and state["stopped"]
+    # a second run into the same folder is refused; bad loop options are named
+    assert main(["run", "--quick", "--no-progress", "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    for flag, value, message in [
+        ("--rounds", "0", "rounds"),
+        ("--forget-rate", "1.5", "forget rate"),
+        ("--shards", "0", "shards"),
+    ]:
+        assert main(["run", "--quick", "--no-progress", "--out", str(tmp_path / "bad"), flag, value]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
