@@ -28,6 +28,7 @@ applies it to the target's.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -183,6 +184,29 @@ def loss_moments(losses: Any, max_order: int = 20) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
+def _attack_logit(p: dict[str, jax.Array], v: jax.Array) -> jax.Array:
+    return jax.nn.relu(v @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _fit_attack_mlp(params, xs, yv, w, steps: int, learning_rate: float):
+    """Full-batch Adam on the weighted logistic loss; data are arguments (compiled once per
+    shape, not per call)."""
+    tx = optax.adam(learning_rate)
+
+    def loss(p):
+        return jnp.sum(w * optax.sigmoid_binary_cross_entropy(_attack_logit(p, xs), yv))
+
+    def body(carry, _):
+        p, s = carry
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+    return p
+
+
 def train_attack_classifier(
     features: Any,
     labels: Any,
@@ -218,30 +242,11 @@ def train_attack_classifier(
         "b2": jnp.zeros(()),
     }
 
-    def logit(p, v):
-        return jax.nn.relu(v @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
-
-    def loss(p):
-        return jnp.sum(w * optax.sigmoid_binary_cross_entropy(logit(p, xs), yv))
-
-    tx = optax.adam(learning_rate)
-
-    @jax.jit
-    def fit(p):
-        def body(carry, _):
-            p, s = carry
-            g = jax.grad(loss)(p)
-            u, s = tx.update(g, s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), None, length=int(steps))
-        return p
-
-    fitted = fit(params)
+    fitted = _fit_attack_mlp(params, xs, yv, w, int(steps), float(learning_rate))
 
     def scores(features_new: Any) -> np.ndarray:
         v = (np.asarray(features_new, np.float64) - mean) / std
-        return np.asarray(logit(fitted, jnp.asarray(v, jnp.float32)), np.float64)
+        return np.asarray(_attack_logit(fitted, jnp.asarray(v, jnp.float32)), np.float64)
 
     return scores
 
