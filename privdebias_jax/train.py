@@ -22,6 +22,7 @@ The pieces, smallest first:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -234,6 +235,23 @@ def _pad_batches(batches: Batch, multiple: int) -> Batch:
     return Batch(*(pad(v) for v in batches))
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_train_fn(model: nn.Module, tx, loss, regularizer, per_batch: bool):
+    """The jitted step (``per_batch``, state donated) or scanned epoch function of ``fit``, cached
+    per (model, optimiser, loss, regulariser): repeated ``fit`` calls reuse the compiled code."""
+    train_step = make_train_step(model, tx, loss=loss, regularizer=regularizer)
+    if per_batch:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(make_epoch_fn(train_step))
+
+
+def _train_fn(model: nn.Module, tx, loss, regularizer, per_batch: bool):
+    try:
+        return _compiled_train_fn(model, tx, loss, regularizer, per_batch)
+    except TypeError:  # an unhashable model/optimiser/loss: compile for this call only
+        return _compiled_train_fn.__wrapped__(model, tx, loss, regularizer, per_batch)
+
+
 def fit(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -289,17 +307,16 @@ def fit(
         state = ckpt.restore_checkpoint(checkpoint_dir, state, start_epoch)
     elif checkpoint_dir is not None:
         ckpt.clear_checkpoints(checkpoint_dir)  # a fresh run: never resume from an older one's state
-    train_step = make_train_step(model, tx, loss=loss, regularizer=regularizer)
     if steps_per_call is None:  # auto: measured in benchmarks/fit_loop.py
         has_conv = any(np.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(state.params))
         per_batch = has_conv
         steps_per_call = 1 if has_conv else num_batches(len(train_set), int(batch_size))
     per_batch = int(steps_per_call) <= 1
     if per_batch:
-        step_fn = jax.jit(train_step, donate_argnums=0)
+        step_fn = _train_fn(model, tx, loss, regularizer, True)
         state = jax.tree_util.tree_map(jnp.copy, state)  # donation must not invalidate the caller's state
     else:
-        epoch_fn = jax.jit(make_epoch_fn(train_step))
+        epoch_fn = _train_fn(model, tx, loss, regularizer, False)
     history: list[dict[str, float]] = []
     bar = None
     if progress and epochs > start_epoch:
