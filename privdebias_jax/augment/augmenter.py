@@ -128,6 +128,7 @@ class Augmenter:
                     classify_class, classify_attr, num_classes=self.num_classes,
                     class_weight=self.config.class_weight, smoothing=self.config.target_smoothing,
                     decode=self.decode_images if self.codec is not None else None,
+                    group_by=self.config.guidance_groups,
                 )
             fn = make_sampler(
                 self.denoiser, self.schedule, image_shape=self.model_shape, num_classes=self.num_classes,

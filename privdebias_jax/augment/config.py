@@ -54,6 +54,8 @@ class AugmentConfig:
       guidance_scale: classifier-free guidance weight ``w`` (1 = no guidance).
       kl_scale: step size of the KL-gradient guidance on x̂₀ (0 = none).
       class_weight: weight of the class-consistency term inside the guidance loss.
+      guidance_groups: ``cell`` (the KL is taken per requested (y, a) cell) or ``class``
+        (per requested class: seed 000's partial bias; see :mod:`privdebias_jax.augment.guidance`).
       target_smoothing: δ in the smoothed target ``(1 − δ) π + δ / A`` of the guidance KL.
       classifier_epochs, classifier_batch_size, classifier_hidden: the real-data
         classifiers (an MLP for guidance, a small CNN as independent judge of quality).
@@ -85,13 +87,14 @@ class AugmentConfig:
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
     guidance_scale: float = 2.0
-    kl_scale: float = 1.0
+    kl_scale: float = 3.0
     class_weight: float = 1.0
+    guidance_groups: str = "cell"
     target_smoothing: float = 0.01
-    classifier_epochs: int = 8
+    classifier_epochs: int = 6
     classifier_batch_size: int = 256
     classifier_hidden: tuple[int, ...] = (256, 256)
-    counterfactual_copies: int = 4
+    counterfactual_copies: int = 1
     sample_batch: int = 500
     checkpoint_every: int = 10
 
@@ -126,7 +129,7 @@ class AugmentConfig:
         base = dict(
             image_size=8, latent_dim=8, width=64, depth=2, embed_dim=16, epochs=2, batch_size=64,
             sample_steps=5, classifier_epochs=1, classifier_hidden=(32,), counterfactual_copies=1,
-            sample_batch=32, unet_channels=(8, 16), num_train_timesteps=100,
+            sample_batch=32, unet_channels=(32, 32), num_train_timesteps=100,
         )
         base.update(overrides)
         return cls(**base).validate()
@@ -150,6 +153,8 @@ class AugmentConfig:
             raise PrivDebiasError(
                 f"AugmentConfig.latent_dim must be in [1, image_size²] = [1, {self.image_size**2}], got {self.latent_dim!r}"
             )
+        if self.guidance_groups not in ("cell", "class"):
+            raise PrivDebiasError(f"unknown guidance_groups {self.guidance_groups!r}; expected 'cell' or 'class'")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise PrivDebiasError(f"unknown beta_schedule {self.beta_schedule!r}; expected one of {BETA_SCHEDULES}")
         for name in ("image_size", "width", "depth", "embed_dim", "num_train_timesteps", "sample_steps",
@@ -179,6 +184,11 @@ class AugmentConfig:
             raise PrivDebiasError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if any(int(c) < 1 for c in self.unet_channels) or not self.unet_channels:
             raise PrivDebiasError(f"AugmentConfig.unet_channels must be positive, got {self.unet_channels}")
+        if self.denoiser == "unet" and any(int(c) % 32 for c in self.unet_channels):
+            raise PrivDebiasError(
+                f"AugmentConfig.unet_channels must be multiples of 32 (diffusers' Flax UNet uses 32 "
+                f"group-norm groups), got {self.unet_channels}"
+            )
         if any(int(c) < 1 for c in self.classifier_hidden) or not self.classifier_hidden:
             raise PrivDebiasError(f"AugmentConfig.classifier_hidden must be positive, got {self.classifier_hidden}")
         if self.denoiser in ("unet", "conv"):

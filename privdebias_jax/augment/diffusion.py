@@ -18,6 +18,7 @@ fingerprint; resuming from a checkpoint of another configuration raises.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -149,6 +150,36 @@ def _check_fingerprint(directory: str | os.PathLike, fingerprint: str) -> None:
         raise PrivDebiasError(f"{Path(directory).resolve()} holds checkpoints but no {FINGERPRINT_FILE}")
 
 
+@functools.lru_cache(maxsize=16)
+def _training_program(denoiser: nn.Module, config: AugmentConfig, num_classes: int, num_attributes: int,
+                      per_batch: bool) -> Callable[..., tuple[DiffusionState, jax.Array]]:
+    """The jitted step (``per_batch``) or scanned epoch, cached per model and configuration so
+    repeated and resumed trainings compile once (the schedule is an argument, not a constant)."""
+    tx = make_denoiser_optimizer(config)
+
+    def run(state: DiffusionState, batches: tuple[jax.Array, ...], key: PRNGKey, schedule: Schedule):
+        step = make_diffusion_step(denoiser, tx, schedule, config, num_classes, num_attributes)
+        if per_batch:
+            return step(state, batches, key)
+        state, losses = jax.lax.scan(lambda s, b: step(s, b, key), state, batches)
+        return state, jnp.mean(losses)
+
+    return jax.jit(run, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(denoiser: nn.Module, config: AugmentConfig, image_shape: tuple[int, ...]):
+    tx = make_denoiser_optimizer(config)
+
+    def init(k: PRNGKey) -> DiffusionState:
+        x = jnp.zeros((1, *image_shape), jnp.float32)
+        z = jnp.zeros((1,), jnp.int32)
+        params = denoiser.init(k, x, z, z, z)["params"]
+        return DiffusionState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
+
+    return jax.jit(init)
+
+
 def train_denoiser(
     denoiser: nn.Module,
     schedule: Schedule,
@@ -185,9 +216,8 @@ def train_denoiser(
     if n == 0:
         raise PrivDebiasError("cannot train the denoiser on an empty dataset")
     nb = num_batches(n, bs, drop_remainder=True)
-    tx = make_denoiser_optimizer(config)
     k_init, k_train = jax.random.split(key)
-    state = init_diffusion_state(denoiser, tx, k_init, tuple(x0.shape[1:]))
+    state = _init_program(denoiser, config, tuple(x0.shape[1:]))(k_init)
     fingerprint = fingerprint_json(
         config, {"image_shape": list(x0.shape[1:]), "num_classes": num_classes, "num_attributes": num_attributes}
     )
@@ -203,17 +233,8 @@ def train_denoiser(
         root = Path(checkpoint_dir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         (root / FINGERPRINT_FILE).write_text(fingerprint)
-    step = make_diffusion_step(denoiser, tx, schedule, config, num_classes, num_attributes)
     has_conv = any(np.ndim(v) == 4 for v in jax.tree_util.tree_leaves(state.params))
-    if has_conv:
-        step_fn = jax.jit(step, donate_argnums=0)
-    else:
-
-        def epoch_fn(state, batches, key):
-            state, losses = jax.lax.scan(lambda s, b: step(s, b, key), state, batches)
-            return state, jnp.mean(losses)
-
-        epoch_jit = jax.jit(epoch_fn, donate_argnums=0)
+    program = _training_program(denoiser, config, num_classes, num_attributes, has_conv)
     xs, ys, as_ = jnp.asarray(x0, jnp.float32), jnp.asarray(y, jnp.int32), jnp.asarray(a, jnp.int32)
     ones = jnp.ones((nb, bs), jnp.float32)
     history: list[dict[str, float]] = []
@@ -231,11 +252,11 @@ def train_denoiser(
         if has_conv:
             losses = []
             for i in range(nb):
-                state, loss = step_fn(state, tuple(v[i] for v in batches), skey)
+                state, loss = program(state, tuple(v[i] for v in batches), skey, schedule)
                 losses.append(loss)
             loss = float(jnp.mean(jnp.stack(losses)))
         else:
-            state, loss = epoch_jit(state, batches, skey)
+            state, loss = program(state, batches, skey, schedule)
             loss = float(loss)
         if not np.isfinite(loss):
             raise PrivDebiasError(f"denoiser training diverged: loss {loss} at epoch {epoch + 1}")

@@ -6,17 +6,20 @@ guides its diffusion model with that KL. Here, at every sampler step, the batch'
 clean samples x̂₀ are labelled by an attribute classifier and a class classifier trained on
 real data, and the sampler moves x̂₀ down the gradient of
 
-    L(x̂₀) = Σ_c n_c · KL(q̄_c ‖ π̃_c)  +  λ · Σ_i CE(f_y(x̂₀_i), y_i)
+    L(x̂₀) = Σ_g n_g · KL(q̄_g ‖ π̃_g)  +  λ · Σ_i CE(f_y(x̂₀_i), y_i)
 
-* ``q̄_c = (1/n_c) Σ_{i: y_i = c} m_i softmax(f_a(x̂₀_i))``: the batch's attribute
-  distribution among the samples requested for class ``c`` (``m_i`` masks padding rows,
-  ``n_c = Σ_{i: y_i = c} m_i``);
-* ``π̃_c = (1 − δ) π_c + δ / A``: the target, ``π_c`` the distribution of the *requested*
-  attributes of those samples, smoothed by δ (``target_smoothing``) so the KL stays finite
-  where the target is 0;
+* the batch is split into groups ``g``; by default a group is one requested ``(y, a)`` cell
+  (``group_by="cell"``), or one requested class (``group_by="class"``: the literal partial
+  bias ``KL(D(τ | y) ‖ P(τ))`` of seed 000, which only constrains the group's attribute
+  *mixture*: with several attributes requested for a class, any sample may take any of them);
+* ``q̄_g = (1/n_g) Σ_{i ∈ g} m_i softmax(f_a(x̂₀_i))``: the batch's attribute distribution in
+  group ``g`` (``m_i`` masks padding rows, ``n_g = Σ_{i ∈ g} m_i``);
+* ``π̃_g = (1 − δ) π_g + δ / A``: the target, ``π_g`` the distribution of the *requested*
+  attributes in the group (one-hot for a cell), smoothed by δ (``target_smoothing``) so the
+  KL stays finite where the target is 0;
 * the second term (weight ``λ = class_weight``) keeps each sample recognisable as its class.
 
-The sum over classes weighted by ``n_c`` (not ``n_c / n``) makes the gradient of one sample
+The sum over groups weighted by ``n_g`` (not ``n_g / n``) makes the gradient of one sample
 independent of the batch size. The update (:func:`guide_x0`) is ``x̂₀ ← clip(x̂₀ − s ∇L, −1, 1)``
 with scale ``s`` (``kl_scale``); the sampler then recomputes the noise consistent with the
 corrected x̂₀ (:func:`~privdebias_jax.augment.schedule.eps_from_x0`): classifier guidance on
@@ -45,13 +48,23 @@ def smoothed_target(target: jax.Array, smoothing: float) -> jax.Array:
     return (1.0 - smoothing) * target + smoothing / a
 
 
+GROUPINGS = ("cell", "class")
+
+
 def batch_attribute_distributions(
-    attr_probs: jax.Array, y: jax.Array, a: jax.Array, mask: jax.Array, num_classes: int
+    attr_probs: jax.Array, y: jax.Array, a: jax.Array, mask: jax.Array, num_classes: int, group_by: str = "cell"
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per requested class ``c``: ``q̄_c`` ``(C, A)``, the requested attribute distribution
-    ``π_c`` ``(C, A)`` and the counts ``n_c`` ``(C,)`` (rows of classes absent from the batch are 0)."""
+    """Per group ``g`` (a requested cell ``y·A + a``, or a requested class): ``q̄_g`` ``(G, A)``,
+    the requested attribute distribution ``π_g`` ``(G, A)`` and the counts ``n_g`` ``(G,)``
+    (rows of groups absent from the batch are 0)."""
     num_attributes = attr_probs.shape[-1]
-    onehot_y = jax.nn.one_hot(y, num_classes, dtype=attr_probs.dtype) * mask[:, None]
+    if group_by == "cell":
+        group, size = y * num_attributes + a, num_classes * num_attributes
+    elif group_by == "class":
+        group, size = y, num_classes
+    else:
+        raise PrivDebiasError(f"unknown guidance grouping {group_by!r}; expected one of {GROUPINGS}")
+    onehot_y = jax.nn.one_hot(group, size, dtype=attr_probs.dtype) * mask[:, None]
     n_c = onehot_y.sum(axis=0)
     safe = jnp.where(n_c > 0, n_c, 1.0)[:, None]
     q = onehot_y.T @ attr_probs / safe
@@ -69,8 +82,9 @@ def kl_guidance_loss(
     num_classes: int,
     class_weight: float = 1.0,
     smoothing: float = 0.01,
+    group_by: str = "cell",
 ) -> jax.Array:
-    """``L = Σ_c n_c KL(q̄_c ‖ π̃_c) + λ Σ_i m_i CE(class_logits_i, y_i)`` (see the module docstring).
+    """``L = Σ_g n_g KL(q̄_g ‖ π̃_g) + λ Σ_i m_i CE(class_logits_i, y_i)`` (see the module docstring).
 
     Args:
       class_logits: ``(B, num_classes)`` class-classifier logits on x̂₀.
@@ -78,7 +92,7 @@ def kl_guidance_loss(
       y, a: ``(B,)`` the requested class and attribute of each sample.
       mask: ``(B,)`` 1 for a real request, 0 for padding.
     """
-    q, pi, n_c = batch_attribute_distributions(jax.nn.softmax(attr_logits, -1), y, a, mask, num_classes)
+    q, pi, n_c = batch_attribute_distributions(jax.nn.softmax(attr_logits, -1), y, a, mask, num_classes, group_by)
     target = smoothed_target(pi, smoothing)
     kl = jnp.sum(jnp.where(q > 0, q * (jnp.log(jnp.where(q > 0, q, 1.0)) - jnp.log(target)), 0.0), axis=-1)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(class_logits, -1), y[:, None], axis=-1)[:, 0]
@@ -93,6 +107,7 @@ def make_guidance_loss(
     class_weight: float = 1.0,
     smoothing: float = 0.01,
     decode: Callable[[jax.Array], jax.Array] | None = None,
+    group_by: str = "cell",
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
     """``loss(guide_params, x0, y, a, mask)`` with ``x0`` in the diffusion scale.
 
@@ -105,13 +120,15 @@ def make_guidance_loss(
     check_scale(class_weight, "class_weight")
     if not 0.0 <= float(smoothing) < 1.0:
         raise PrivDebiasError(f"target smoothing must be in [0, 1), got {smoothing}")
+    if group_by not in GROUPINGS:
+        raise PrivDebiasError(f"unknown guidance grouping {group_by!r}; expected one of {GROUPINGS}")
 
     def loss(guide_params: Any, x0: jax.Array, y: jax.Array, a: jax.Array, mask: jax.Array) -> jax.Array:
         class_params, attr_params = guide_params
         img = ((decode(x0) if decode is not None else x0) + 1.0) / 2.0
         return kl_guidance_loss(
             classify_class(class_params, img), classify_attr(attr_params, img), y, a, mask,
-            num_classes=num_classes, class_weight=class_weight, smoothing=smoothing,
+            num_classes=num_classes, class_weight=class_weight, smoothing=smoothing, group_by=group_by,
         )
 
     return loss
@@ -135,6 +152,7 @@ def guide_x0(
 
 __all__ = [
     "Classifier",
+    "GROUPINGS",
     "smoothed_target",
     "batch_attribute_distributions",
     "kl_guidance_loss",

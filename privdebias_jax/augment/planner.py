@@ -16,7 +16,8 @@ level ``λ ∈ [0, 1]`` every cell is filled up to ``λ · r_a · max_a' (N[y, a
 row is proportional to ``r``, so the bias is 0; filling the emptiest cells first is the
 cheapest way to reshape a row. The planner bisects for the smallest ``λ`` whose
 augmented table ``N + M_λ`` has bias ≤ the target, then (with ``max_new``) lowers ``λ`` until
-the total fits the budget, in which case the target may be missed (the returned plan's bias is
+the total fits the budget and spends the rest of the budget one sample at a time on the
+emptiest cells of the next level; the target may then be missed (the returned plan's bias is
 what :func:`planned_bias` reports).
 """
 
@@ -128,6 +129,16 @@ def plan_from_counts(
             else:
                 hi = mid
         plan = _fill(counts, lo, shape)
+        # spend what is left of the budget one sample at a time on the emptiest cells the next
+        # level would fill, so the capped plan uses exactly ``max_new`` samples
+        extra = _fill(counts, hi, shape) - plan
+        left = int(max_new) - int(plan.sum())
+        while left > 0 and extra.sum() > 0:
+            level = np.where(extra > 0, (counts + plan) / shape[None, :], np.inf)
+            cell = np.unravel_index(np.argmin(level), level.shape)
+            plan[cell] += 1
+            extra[cell] -= 1
+            left -= 1
     return plan
 
 

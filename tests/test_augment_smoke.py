@@ -1,0 +1,178 @@
+"""End-to-end augmentation at tiny sizes: fit → plan → generate → quality report; the PCA latent;
+the diffusers UNet denoiser; and smoke runs of the CLI, the experiment and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from privdebias_jax.augment import (
+    AugmentConfig,
+    create_denoiser,
+    fit_augmenter,
+    generate,
+    plan_augmentation,
+    quality_report,
+    save_sample_grid,
+)
+from privdebias_jax.augment.diffusion import (
+    init_diffusion_state,
+    make_denoiser_optimizer,
+    make_diffusion_step,
+)
+from privdebias_jax.augment.latent import decode, encode, fit_pca_codec
+from privdebias_jax.augment.schedule import make_schedule
+from privdebias_jax.data import Dataset, biased_mnist, next_free_id
+from privdebias_jax.types import PrivDebiasError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pca_latent_round_trip_and_whitening():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(40, 4, 4, 3)).astype(np.float32)
+    full = fit_pca_codec(x, 16)  # full rank: decode(encode(x)) == x
+    z = np.asarray(encode(full, jnp.asarray(x)))
+    np.testing.assert_allclose(np.asarray(decode(full, jnp.asarray(z))), x, atol=2e-5)
+    # whitened: every component has unit variance over the training channels
+    per_channel = z.reshape(40, 3, 16).transpose(1, 0, 2).reshape(-1, 16)
+    np.testing.assert_allclose(per_channel.std(axis=0), 1.0, rtol=1e-3)
+    # truncated: the reconstruction is the projection on the top principal directions (numpy SVD)
+    part = fit_pca_codec(x, 5)
+    rows = x.transpose(0, 3, 1, 2).reshape(-1, 16).astype(np.float64)
+    mean = rows.mean(0)
+    _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    proj = (rows - mean) @ vt[:5].T @ vt[:5] + mean
+    rec = np.asarray(decode(part, encode(part, jnp.asarray(x)))).transpose(0, 3, 1, 2).reshape(-1, 16)
+    np.testing.assert_allclose(rec, proj, atol=2e-5)
+    with pytest.raises(PrivDebiasError, match="latent_dim"):
+        fit_pca_codec(x, 17)
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    splits = biased_mnist(0.99, key=0, image_size=8, train_size=200, test_per_class=5)
+    cfg = AugmentConfig.tiny(epochs=2, sample_steps=4)
+    aug = fit_augmenter(splits.train, num_classes=10, num_attributes=10, config=cfg, key=jax.random.key(0),
+                        counterfactual=splits.counterfactual)
+    return splits, aug
+
+
+def test_generate_and_quality_report(tiny_run, tmp_path):
+    splits, aug = tiny_run
+    plan = plan_augmentation(splits.train, 10, 10, max_new=30)
+    assert plan.sum() == 30  # the budget binds: exactly max_new samples
+    start = next_free_id(splits.train)
+    syn = generate(aug, plan, key=jax.random.key(1), start_id=start, eta=0.5)
+    n = int(plan.sum())
+    assert syn.x.shape == (n, 8, 8, 3) and syn.x.dtype == np.float32
+    assert 0.0 <= syn.x.min() and syn.x.max() <= 1.0
+    np.testing.assert_array_equal(syn.idx, np.arange(start, start + n))
+    cells = np.repeat(np.arange(100), plan.reshape(-1))
+    np.testing.assert_array_equal(syn.y, cells // 10)
+    np.testing.assert_array_equal(syn.a, cells % 10)
+    again = generate(aug, plan, key=jax.random.key(1), start_id=start, eta=0.5)
+    np.testing.assert_array_equal(syn.x, again.x)  # same key, same samples
+    other = generate(aug, plan, key=jax.random.key(2), start_id=start, eta=0.5)
+    assert np.abs(syn.x - other.x).max() > 1e-3
+    # the report against a direct count of the judges' labels
+    rep = quality_report(aug, syn)
+    py, pa = aug.judge_class.predict(syn.x), aug.judge_attr.predict(syn.x)
+    assert rep["class_acc"] == pytest.approx(np.mean(py == syn.y))
+    assert rep["attr_acc"] == pytest.approx(np.mean(pa == syn.a))
+    for y in range(10):
+        for a in range(10):
+            rows = (syn.y == y) & (syn.a == a)
+            got_c, got_a = rep["class_acc_per_cell"][y][a], rep["attr_acc_per_cell"][y][a]
+            if rows.any():
+                assert got_c == pytest.approx(np.mean(py[rows] == y))
+                assert got_a == pytest.approx(np.mean(pa[rows] == a))
+            else:
+                assert got_c is None and got_a is None
+    path = save_sample_grid(syn, tmp_path / "grid.png", 10, 10)
+    assert path.stat().st_size > 1000
+    # KL guidance and classifier-free guidance run (and change the samples)
+    one = np.zeros((10, 10), int)
+    one[3, 7] = 2
+    plain = generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=1.0, kl_scale=0.0)
+    guided = generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=2.0, kl_scale=5.0)
+    assert np.abs(plain.x - guided.x).max() > 1e-4
+    # bad input
+    with pytest.raises(PrivDebiasError, match="guidance_scale"):
+        generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=-1.0)
+    with pytest.raises(PrivDebiasError, match="kl_scale"):
+        generate(aug, one, key=jax.random.key(3), start_id=0, kl_scale=float("nan"))
+    with pytest.raises(PrivDebiasError, match="unknown cell"):
+        generate(aug, {(10, 0): 1}, key=jax.random.key(3), start_id=0)
+    with pytest.raises(PrivDebiasError, match="shape"):
+        quality_report(aug, Dataset(np.asarray(splits.train.x)[:, :4], splits.train.y, splits.train.a, splits.train.idx))
+
+
+def test_fit_augmenter_checkpoint_resume_and_other_config(tmp_path):
+    splits = biased_mnist(0.99, key=0, image_size=8, train_size=100, test_per_class=5)
+    cfg = AugmentConfig.tiny(epochs=1, classifier_epochs=1)
+    kw = dict(num_classes=10, num_attributes=10, key=jax.random.key(0), checkpoint_dir=tmp_path)
+    first = fit_augmenter(splits.train, config=cfg, **kw)
+    assert (tmp_path / "denoiser" / "1").is_dir() and (tmp_path / "judge_attr").is_dir()
+    resumed = fit_augmenter(splits.train, config=cfg, **kw)  # nothing left to train: restored
+    assert resumed.info["denoiser_history"] == []
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first.state.ema_params, resumed.state.ema_params)
+    with pytest.raises(PrivDebiasError, match="another configuration"):
+        fit_augmenter(splits.train, config=AugmentConfig.tiny(epochs=1, width=32), **kw)
+    with pytest.raises(PrivDebiasError, match=r"\[0, 1\]"):
+        fit_augmenter(Dataset(np.asarray(splits.train.x) * 3, splits.train.y, splits.train.a, splits.train.idx), config=cfg,
+                      num_classes=10, num_attributes=10, key=jax.random.key(0))
+
+
+def test_diffusers_unet_denoiser_trains_at_tiny_size():
+    cfg = AugmentConfig.tiny(denoiser="unet", latent="none", unet_channels=(32, 32), embed_dim=8)
+    den = create_denoiser(cfg, 3, 2, 3)
+    sched = make_schedule(cfg)
+    tx = make_denoiser_optimizer(cfg)
+    state = init_diffusion_state(den, tx, jax.random.key(0), (8, 8, 3))
+    step = jax.jit(make_diffusion_step(den, tx, sched, cfg, 3, 2))
+    x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3), minval=-1, maxval=1)
+    batch = (x, jnp.array([0, 1, 2, 0]), jnp.array([1, 0, 1, 1]), jnp.ones(4))
+    new, loss = step(state, batch, jax.random.key(2))
+    assert np.isfinite(float(loss)) and int(new.step) == 1
+    out = den.apply({"params": new.params}, x, jnp.array([5, 5, 5, 5]), batch[1], batch[2])
+    assert out.shape == x.shape
+    changed = jax.tree_util.tree_map(lambda u, v: float(jnp.abs(u - v).max()), state.params, new.params)
+    assert max(jax.tree_util.tree_leaves(changed)) > 0
+
+
+def test_cli_augment_quick(tmp_path, capsys):
+    from privdebias_jax.cli import main
+
+    assert main(["augment", "--quick", "--dataset", "colored-mnist", "--out", str(tmp_path), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["dataset"] == "colored-mnist"
+    assert res["bias_after"]["mutual_information"] < res["bias_before"]["mutual_information"]
+    assert (tmp_path / "colored-mnist_samples.png").is_file()
+    assert main(["augment", "--quick", "--kl-scale", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "kl_scale" in capsys.readouterr().err
+
+
+def test_experiment_and_benchmark_quick(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT))
+    import importlib
+
+    exp = importlib.import_module("experiments.augment_mnist")
+    res = exp.main(["--quick", "--datasets", "biased-mnist", "--out", str(tmp_path / "exp")])
+    r = res["datasets"]["biased-mnist"]
+    assert r["num_synthetic"] == int(np.sum(r["plan"]))
+    assert r["mi_reduction"] >= 0.8 - 1e-6  # the planner's target, measured on the augmented set
+    assert set(r["targets"]) == {"every_cell_class_ge_90", "every_cell_attr_ge_90", "mi_reduced_ge_80pct",
+                                 "unbiased_acc_gain"}
+    bench = importlib.import_module("benchmarks.sampler")
+    out = bench.main(["--quick", "--out", str(tmp_path / "s.json")])
+    e = out["entries"][0]
+    assert e["samples_per_s"]["scan"] > 0 and e["samples_per_s"]["loop_diffusers"] > 0
+    assert e["scan_over_loop_diffusers"] == pytest.approx(e["seconds"]["loop_diffusers"] / e["seconds"]["scan"])
+    assert json.loads((tmp_path / "s.json").read_text())["machine"]["cpu_count"] >= 1
