@@ -1,6 +1,7 @@
 """The jitted ``lax.scan`` DDIM sampler vs a Python loop calling diffusers' scheduler step by step.
 
-Same denoiser (the CPU default, random weights: speed does not depend on training), same
+Same denoiser (the CPU default: the FiLM MLP in the per-channel PCA latent, random weights:
+speed does not depend on training), same
 steps, same classifier-free guidance, at several batch sizes. Variants, each timed as one
 complete sampling run (medians of interleaved repeats):
 
@@ -41,6 +42,7 @@ from privdebias_jax.augment import (  # noqa: E402
     make_schedule,
     sample_loop,
 )
+from privdebias_jax.augment.latent import decode, fit_pca_codec  # noqa: E402
 from privdebias_jax.augment.schedule import ddim_step  # noqa: E402
 from privdebias_jax.models import create_model, init_model  # noqa: E402
 
@@ -60,7 +62,11 @@ def _random_params(denoiser, key, shape):
 
 
 def measure(config: AugmentConfig, batch: int, repeats: int, w: float = 2.0) -> dict:
-    shape = (config.image_size, config.image_size, 3)
+    image = (config.image_size, config.image_size, 3)
+    codec = None
+    if config.latent == "pca":  # the CPU default samples in the PCA latent, guidance decodes it
+        codec = fit_pca_codec(jax.random.uniform(jax.random.key(9), (64, *image), minval=-1, maxval=1), config.latent_dim)
+    shape = image if codec is None else (codec.latent_dim,)
     den = create_denoiser(config, C, A, 3)
     params = _random_params(den, jax.random.key(0), shape)
     sched = make_schedule(config)
@@ -72,14 +78,15 @@ def measure(config: AugmentConfig, batch: int, repeats: int, w: float = 2.0) -> 
     kw = dict(image_shape=shape, num_classes=C, num_attributes=A, steps=steps, cfg=True)
     scan = jax.jit(make_sampler(den, sched, **kw))
     clf = create_model("mlp", C, hidden=tuple(config.classifier_hidden))
-    cp, _ = init_model(clf, jax.random.key(2), shape)
-    ap, _ = init_model(clf, jax.random.key(3), shape)
+    cp, _ = init_model(clf, jax.random.key(2), image)
+    ap, _ = init_model(clf, jax.random.key(3), image)
 
     def logits(p, x):
         return clf.apply({"params": p}, x)[0]
 
-    loss = make_guidance_loss(logits, logits, num_classes=C)
-    scan_kl = jax.jit(make_sampler(den, sched, guidance_loss=loss, **kw))
+    loss = make_guidance_loss(logits, logits, num_classes=C,
+                              decode=None if codec is None else (lambda z: decode(codec, z)))
+    scan_kl = jax.jit(make_sampler(den, sched, guidance_loss=loss, clip=None if codec is None else codec.clip, **kw))
     eps_fn = jax.jit(make_eps_fn(den, C, A, True))
     scheduler, sstate = ddim_scheduler(config)
     ts, prev = ddim_timesteps(config.num_train_timesteps, steps)
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         config, batches, repeats = AugmentConfig.tiny(sample_steps=5), (4,), 1
     else:
-        config, batches, repeats = AugmentConfig.cpu_default(), (1, 16, 64, 256), 5
+        config, batches, repeats = AugmentConfig.cpu_default(), (1, 16, 256), 5
     entries = []
     for b in batches:
         e = measure(config, b, repeats)
@@ -167,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "sampler",
         "command": "python benchmarks/sampler.py" + (" --quick" if args.quick else ""),
         "machine": machine_info(),
-        "settings": {"quick": args.quick, "denoiser": config.denoiser, "width": config.width, "depth": config.depth,
+        "settings": {"quick": args.quick, "denoiser": config.denoiser, "latent": config.latent,
+                     "latent_dim": config.latent_dim, "width": config.width, "depth": config.depth,
                      "image_size": config.image_size, "steps": config.sample_steps, "guidance_scale": 2.0,
                      "repeats": repeats, "batches": list(batches)},
         "entries": entries,

@@ -290,7 +290,7 @@ def test_bad_input_raises():
     with pytest.raises(PrivDebiasError, match="unknown denoiser"):
         AugmentConfig.cpu_default(denoiser="vae")
     with pytest.raises(PrivDebiasError, match="divisible"):
-        AugmentConfig.cpu_default(denoiser="unet", latent="none", image_size=14, unet_channels=(8, 16, 32))
+        AugmentConfig.cpu_default(denoiser="unet", latent="none", image_size=14, unet_channels=(32, 64, 64))
     with pytest.raises(PrivDebiasError, match="multiples of 32"):
         AugmentConfig.cpu_default(denoiser="unet", latent="none", unet_channels=(16, 32))
     with pytest.raises(PrivDebiasError, match="latent='none'"):

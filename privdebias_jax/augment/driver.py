@@ -96,7 +96,7 @@ def augment_and_evaluate(
     key = jax.random.key(seed)
     k_data, k_fit, k_gen, k_orig, k_aug = jax.random.split(key, 5)
     splits = load_dataset(dataset, rho=rho, key=int(seed), image_size=image_size,
-                          train_size=300 if quick else None, test_per_class=20 if quick else 100)
+                          train_size=150 if quick else None, test_per_class=20 if quick else 100)
     C, A = splits.num_classes, splits.num_attributes
     if config is None:
         config = AugmentConfig.tiny() if quick else AugmentConfig.cpu_default(image_size=image_size)
