@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def get_config() -> AugmentConfig:
+def augment_config() -> AugmentConfig:
     """The experiment's augmenter configuration (the CPU default, 14×14)."""
     return AugmentConfig.cpu_default(image_size=14)
 
