@@ -162,6 +162,7 @@ def measure(
             "attacks": rows,
             "strongest": strongest,
             "strongest_balanced_accuracy": rows[strongest]["balanced_accuracy"],
+            "strongest_balanced_accuracy_ci": rows[strongest]["balanced_accuracy_ci"],
             "n_members": len(m),
             "roc": {k: [np.asarray(s).tolist(), np.asarray(lab).tolist()] for k, (s, lab) in res["scores"].items()},
         }
@@ -215,11 +216,14 @@ def choose_forget_ids(
 def matched_nonmembers(
     target: tuple[Any, Any, Any], pool: Dataset, fraction: float, strategy: str, key: PRNGKey
 ) -> np.ndarray:
-    """Held-out ids picked by the forget rule at the same rate: the top ``fraction`` of ``pool``
-    by exposure under the same model (``exposed``), or a random ``fraction`` (``random``).
+    """Held-out ids picked by the forget rule: the top ``fraction`` of ``pool`` by exposure under
+    the same model (``exposed``), or the whole pool (``random``: a random subset of the training
+    data has the pool's distribution already).
 
     The audit of a forgotten set compares it with these: both sets are then selected the same way
     from the same distribution, and only membership differs (before unlearning)."""
+    if strategy == "random":
+        return np.sort(np.asarray(pool.idx, np.int64))
     count = max(2, int(round(float(fraction) * len(pool))))
     return choose_forget_ids(target, pool, count, strategy, key)
 
