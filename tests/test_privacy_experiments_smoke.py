@@ -133,13 +133,6 @@ def test_unlearning_audit_experiment_quick(tmp_path):
     assert set(res["summary"]) == {"single_before", "retrained", "sisa_before", "sisa_after"}
     assert res["forget_size"] == 20 and res["nonmember_size"] == 20
     for attacks in res["summary"].values():
-        assert set(attacks) == {
-            "loss",
-            "entropy",
-            "modified_entropy",
-            "m_loss",
-            "m_mean",
-            "m_moments",
-        }
+        assert set(attacks) == {"loss", "m_mean"}  # --quick runs two attacks
         for m in attacks.values():
             assert m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1]
