@@ -16,7 +16,7 @@ import pytest
 
 from privdebias_jax.data import concat, make_dataset, remove_ids
 from privdebias_jax.types import PrivDebiasError
-from privdebias_jax.unlearn import PADDING_ID, ShardPlan, SISAModel, make_plan, train_shards
+from privdebias_jax.unlearn import PADDING_ID, ShardPlan, SISAModel, train_shards
 from tests.test_sisa import BATCH, DATA, EPOCHS, KEY, MODEL, PLAN, TX, _tabular
 
 NEW = _tabular(10, 3, 90000)  # 10 new samples, fresh ids
