@@ -40,7 +40,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from privdebias_jax.data.dataset import Dataset, DataSplits, concat, remove_ids, subset
+from privdebias_jax.data.dataset import (
+    Dataset,
+    DataSplits,
+    concat,
+    next_free_id,
+    remove_ids,
+    subset,
+)
 from privdebias_jax.metrics import fairness
 from privdebias_jax.pipeline import evaluate_model
 from privdebias_jax.train import TrainState, predict
@@ -303,8 +310,8 @@ def _current(ctx: SyncContext, directory: Path, upto: int) -> tuple[SISAModel, D
 
 def _next_id(splits: DataSplits, data: Dataset) -> int:
     """A sample id above every id of the training data and the evaluation splits."""
-    pools = [data, splits.test] + ([splits.test_unbiased] if splits.test_unbiased is not None else [])
-    return int(max(np.max(np.asarray(ds.idx)) for ds in pools if len(ds))) + 1
+    evaluation = [splits.test] + ([splits.test_unbiased] if splits.test_unbiased is not None else [])
+    return next_free_id(data, *evaluation)
 
 
 def _alive(sisa: SISAModel, data: Dataset) -> Dataset:

@@ -134,16 +134,9 @@ class ShardPlan:
           PrivDebiasError: no new ids, negative or duplicate ids, ids already in the plan, or
             ``shards`` out of range / duplicated.
         """
-        new_ids = np.asarray(new_ids).reshape(-1)
-        if new_ids.size == 0:
+        if np.asarray(new_ids).size == 0:
             raise PrivDebiasError("extend needs at least one new sample id")
-        if not np.issubdtype(new_ids.dtype, np.integer):
-            raise PrivDebiasError(f"sample ids must be integers, got dtype {new_ids.dtype}")
-        new_ids = new_ids.astype(np.int64)
-        if np.any(new_ids < 0):
-            raise PrivDebiasError("sample ids must be non-negative")
-        if np.unique(new_ids).size != new_ids.size:
-            raise PrivDebiasError("new sample ids must be unique")
+        new_ids = _checked_ids(new_ids)
         clash = new_ids[np.isin(new_ids, self.ids)]
         if clash.size:
             raise PrivDebiasError(
@@ -191,6 +184,19 @@ class ShardPlan:
         return cls(slots=slots, strategy=str(data["strategy"]))
 
 
+def _checked_ids(ids: Any) -> np.ndarray:
+    """``ids`` as a flat int64 array; raises unless they are unique non-negative integers."""
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise PrivDebiasError(f"sample ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if np.any(ids < 0):
+        raise PrivDebiasError("sample ids must be non-negative")
+    if np.unique(ids).size != ids.size:
+        raise PrivDebiasError("sample ids must be unique")
+    return ids
+
+
 def make_plan(
     ids: Any,
     num_shards: int,
@@ -210,10 +216,7 @@ def make_plan(
       PrivDebiasError: ``S`` or ``R`` below 1, ``S · R`` larger than the number of ids (a slice
         would be empty), duplicate or negative ids, or bad ``deletion_probs``.
     """
-    ids = np.asarray(ids).reshape(-1)
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise PrivDebiasError(f"sample ids must be integers, got dtype {ids.dtype}")
-    ids = ids.astype(np.int64)
+    ids = _checked_ids(ids)
     s, r = int(num_shards), int(num_slices)
     if s < 1 or r < 1:
         raise PrivDebiasError(
@@ -224,10 +227,6 @@ def make_plan(
         raise PrivDebiasError(
             f"S·R = {s}·{r} = {s * r} exceeds the {n} training samples: every slice needs at least one sample"
         )
-    if np.any(ids < 0):
-        raise PrivDebiasError("sample ids must be non-negative")
-    if np.unique(ids).size != n:
-        raise PrivDebiasError("sample ids must be unique")
     if isinstance(key, int):
         key = jax.random.PRNGKey(key)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))

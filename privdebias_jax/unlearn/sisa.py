@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 from privdebias_jax import checkpoint as ckpt
-from privdebias_jax.data.dataset import Batch, Dataset
+from privdebias_jax.data.dataset import Batch, Dataset, concat, subset
 from privdebias_jax.multi import (
     LAYOUTS,
     default_mesh,
@@ -535,8 +535,6 @@ class SISAModel:
         config = dataclasses.replace(
             self.config, epochs_per_slice=tuple(self.config.epochs_per_slice) + (e,) * k
         )
-        from privdebias_jax.data.dataset import concat, subset
-
         # ``train_set`` may already hold the new rows (a model opened with the combined data)
         keep = np.flatnonzero(~np.isin(np.asarray(self.train_set.idx), new_ids))
         combined = concat(subset(self.train_set, keep), new_set)
