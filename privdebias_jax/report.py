@@ -79,6 +79,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parent folders created), close it; return the path."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def save_image_grid(
     images: np.ndarray,
     path: str | os.PathLike,
@@ -107,12 +118,7 @@ def save_image_grid(
                 ax.set_title(col_labels[j], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_cell_accuracy(
@@ -126,11 +132,7 @@ def plot_cell_accuracy(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike, title: str) -> Path:
@@ -143,11 +145,7 @@ def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike, t
     ax.set_xlabel("epoch")
     ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-__all__ = ["to_jsonable", "write_json", "fmt", "markdown_table", "save_image_grid", "plot_cell_accuracy", "plot_history"]
+__all__ = ["to_jsonable", "write_json", "fmt", "markdown_table", "save_figure", "save_image_grid", "plot_cell_accuracy", "plot_history"]

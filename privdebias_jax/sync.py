@@ -670,7 +670,7 @@ def make_context(
 def plot_rounds(state: SyncState, path: Path, naive: dict[str, Any] | None = None) -> Path:
     """Bias (data KL/MI, counterfactual) and attack success (strongest attack on members and on
     forgotten originals) per round; the naive baseline as dashed lines."""
-    from privdebias_jax.report import _pyplot
+    from privdebias_jax.report import _pyplot, save_figure
 
     plt = _pyplot()
     rounds = [h["round"] for h in state.history]
@@ -697,10 +697,7 @@ def plot_rounds(state: SyncState, path: Path, naive: dict[str, Any] | None = Non
     ax2.set_title("membership inference (balanced accuracy)")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def roc_figure(columns: dict[str, dict[str, Any]], path: Path, attack: str = "loss") -> Path:

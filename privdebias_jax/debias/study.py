@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from privdebias_jax.report import _pyplot, save_figure
 from privdebias_jax.types import PrivDebiasError
 
 #: Published anchors of seed paper 001 (Biased-MNIST, 60,000 images, Bahng et al.'s 7×7 net).
@@ -102,15 +103,6 @@ def principal_component_fits(features: Any, groups: Any) -> dict[str, Any]:
     }
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_private_accuracy_polar(
     summary: dict[str, dict[float, float]], path: str | os.PathLike, chance: float = 0.1, title: str | None = None
 ) -> Path:
@@ -132,12 +124,7 @@ def plot_private_accuracy_polar(
     ax.set_ylim(0, 1)
     ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize=8)
     ax.set_title(title or "private class accuracy (linear probe on colour)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_private_vs_target(
@@ -163,11 +150,7 @@ def plot_private_vs_target(
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     ax.set_title("private vs target accuracy (marker size grows with ρ)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_component_fits(panels: dict[str, dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -184,11 +167,7 @@ def plot_component_fits(panels: dict[str, dict[str, Any]], path: str | os.PathLi
         ax.set_title(f"{name}: PC1 per private group (separation {res['separation']:.2f})", fontsize=9)
         ax.set_xlabel("first principal component (standardised)")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = [

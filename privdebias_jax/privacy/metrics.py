@@ -584,7 +584,7 @@ def plot_roc(
     lo = float(min_rate)
     if not 0.0 < lo < 1.0:
         raise PrivDebiasError(f"plot_roc: min_rate must be in (0, 1), got {min_rate}")
-    from privdebias_jax.report import _pyplot
+    from privdebias_jax.report import _pyplot, save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
@@ -601,12 +601,7 @@ def plot_roc(
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = [
