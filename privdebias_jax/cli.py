@@ -184,6 +184,7 @@ def _cmd_debias(args: argparse.Namespace) -> int:
         "k": args.k,
         "newton_iterations": args.newton_iterations,
         "damping": args.damping,
+        "proximal": args.proximal,
         "solver": args.solver,
         "select": args.select,
         "external_size": args.external_size,
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--newton-iterations", type=_positive_int, help="1 = the paper's single Newton step"
     )
     p.add_argument("--damping", type=float, help="damping λ > 0 added to the Hessian")
+    p.add_argument(
+        "--proximal", type=float, help="μ > 0 of the iterated external mode (keeps the head near the model)"
+    )
     p.add_argument(
         "--solver", help="inverse-HVP solver: exact, linear_head, cg, lissa, arnoldi, kfac, ekfac"
     )

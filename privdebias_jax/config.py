@@ -64,7 +64,8 @@ def get_fmd_config(dataset: str = "colored-mnist", preset: str = "cpu") -> ml_co
 
     ``fmd`` fields: ``mode`` (``train`` / ``external``), ``k`` (harmful samples replaced; 0 =
     the whole training set), ``newton_iterations`` (1 = the paper's single step),
-    ``damping``, ``solver``, ``select`` (parameter filter), ``external_size`` (``|D_ex|``, drawn
+    ``damping``, ``solver``, ``proximal`` (``μ`` of the iterated external mode) and
+    ``cg_iterations`` (its CG steps per Newton step), ``select`` (parameter filter), ``external_size`` (``|D_ex|``, drawn
     from the unbiased test set for MNIST, the test set for Adult, and removed from the
     evaluation sets), ``step_sizes``, ``max_acc_drop``, ``delta``.
     """
@@ -75,6 +76,8 @@ def get_fmd_config(dataset: str = "colored-mnist", preset: str = "cpu") -> ml_co
     c.fmd.newton_iterations = 10
     c.fmd.damping = 0.01
     c.fmd.solver = "cg"
+    c.fmd.proximal = 0.01
+    c.fmd.cg_iterations = 30
     c.fmd.select = "^head/"
     c.fmd.external_size = 200
     c.fmd.step_sizes = (0.0625, 0.125, 0.25, 0.5, 1.0)

@@ -356,6 +356,7 @@ def debias_and_evaluate(
         trained.model, trained.state, external, splits.counterfactual, splits.num_attributes,
         mode=str(f.mode), train=splits.train, k=k, select=str(f.select), damping=float(f.damping),
         solver=str(f.solver), newton_iterations=int(f.newton_iterations),
+        proximal=float(f.get("proximal", 0.01)), cg_iterations=int(f.get("cg_iterations", 30)),
         step_sizes=tuple(float(x) for x in f.step_sizes), max_acc_drop=float(f.max_acc_drop),
         delta=float(f.delta), key=jax.random.fold_in(root, 6),
     )

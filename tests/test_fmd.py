@@ -168,6 +168,44 @@ def test_external_mode_and_identify(trained):
         identify_bias(model, state, {"colour": (external, subset(cf, np.arange(5)))})
 
 
+def test_iterated_external_mode_minimises_the_proximal_objective(trained):
+    """Iterated external FMD = the minimiser of mean CE over D_ex and its counterfactuals plus
+    (μ/2)‖θ − θ⁰‖² on the head (scipy, float64), the same through the feature cache and the
+    whole model, and never touching the backbone."""
+    splits, external, _, model, state = trained
+    mu = 0.05
+    kw = dict(mode="external", newton_iterations=40, cg_iterations=60, proximal=mu, step_sizes=(1.0,),
+              max_acc_drop=1.0, key=jax.random.key(8))
+    res = fmd_debias(model, state, external, splits.counterfactual, 10, **kw)
+    k0 = jax.random.split(jax.random.key(8), 2)[0]
+    cf = splits.counterfactual(external, other_attribute(external.a, 10, k0))
+    feats = np.concatenate([_features(model, state, external), _features(model, state, cf)])
+    y = np.concatenate([np.asarray(external.y), np.asarray(cf.y)])
+    head = state.params["head"]
+    theta0 = np.concatenate([np.asarray(head["bias"]), np.asarray(head["kernel"]).reshape(-1)]).astype(np.float64)
+
+    def objective(theta):
+        loss, grad = _head_loss_np(theta, feats, y, 10)
+        return loss + 0.5 * mu * np.sum((theta - theta0) ** 2), grad + mu * (theta - theta0)
+
+    opt = minimize(objective, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-10, "ftol": 1e-15})
+    new = res.state.params["head"]
+    got = np.concatenate([np.asarray(new["bias"]), np.asarray(new["kernel"]).reshape(-1)]).astype(np.float64)
+    assert np.linalg.norm(got - opt.x) <= 1e-3 * np.linalg.norm(opt.x - theta0)
+    assert objective(got)[0] == pytest.approx(opt.fun, abs=1e-5)
+    hist = res.report["newton_history"]
+    assert hist[-1]["grad_norm"] < 1e-3 and res.report["proximal"] == mu and res.report["uses_training_set"] is False
+    np.testing.assert_array_equal(np.asarray(state.params["dense_0"]["kernel"]),
+                                  np.asarray(res.state.params["dense_0"]["kernel"]))
+    slow = fmd_debias(model, state, external, splits.counterfactual, 10, feature_cache=False, **kw)
+    np.testing.assert_allclose(np.asarray(slow.state.params["head"]["kernel"]), np.asarray(new["kernel"]),
+                               rtol=1e-3, atol=1e-4)
+    # a larger μ keeps the head closer to the trained one
+    near = fmd_debias(model, state, external, splits.counterfactual, 10, **{**kw, "proximal": 1.0})
+    dist = lambda r: float(np.linalg.norm(np.asarray(r.state.params["head"]["kernel"]) - np.asarray(head["kernel"])))  # noqa: E731
+    assert dist(near) < dist(res)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -176,7 +214,9 @@ def test_external_mode_and_identify(trained):
         (dict(mode="train", train="TRAIN", k=0), "K must be in"),
         (dict(mode="train", train="TRAIN", k=10**6), "K must be in"),
         (dict(damping=0.0), "damping > 0"),
-        (dict(newton_iterations=3), "needs mode='train'"),
+        (dict(newton_iterations=3, proximal=0.0), "proximal > 0"),
+        (dict(newton_iterations=3, proximal=float("nan")), "proximal > 0"),
+        (dict(newton_iterations=3, cg_iterations=0), "cg_iterations must be"),
         (dict(newton_iterations=0), "must be ≥ 1"),
         (dict(step_sizes=()), "step_sizes is empty"),
     ],
