@@ -23,7 +23,6 @@ import jax
 import numpy as np
 import pytest
 
-from privdebias_jax import checkpoint as ckpt
 from privdebias_jax.data import make_dataset, remove_ids, subset
 from privdebias_jax.models import create_model
 from privdebias_jax.train import evaluate, make_optimizer, predict
@@ -37,6 +36,7 @@ from privdebias_jax.unlearn import (
     ensemble_from_states,
     make_plan,
     sisa_epochs,
+    store,
     train_shards,
 )
 
@@ -296,14 +296,16 @@ def test_forget_after_reopen_matches_from_scratch(base, tmp_path):
 def test_forget_rewrites_only_the_affected_checkpoints(base, tmp_path):
     d, sisa = copy_of(base, tmp_path)
     before = snapshot(d)
-    report = sisa.forget([pick(PLAN, 0, 1, 3), pick(PLAN, 2, 2)])
-    assert report.cost.shards == {0: 1, 2: 2}
+    report = sisa.forget([pick(PLAN, 0, 1, 3), pick(PLAN, 2, 2), pick(PLAN, 1, 0, 2)])
+    assert report.cost.shards == {0: 1, 1: 0, 2: 2}
+    # saves: stages 2..R of shard 0, 1..R of shard 1 (not its initial state), 3..R of shard 2
+    assert (report.cost.saves, report.cost.restores) == ((R - 1) + R + (R - 2), 2)
     after = snapshot(d)
-    for s in (1, 3):  # unaffected shards: not a byte, not an mtime changed
+    for s in (3,):  # unaffected shard: not a byte, not an mtime changed
         assert under(after, f"shards/{s}/") == under(before, f"shards/{s}/")
         assert under(before, f"shards/{s}/")
     # affected shards: checkpoints up to the start stage kept, the later ones rewritten
-    for s, r0 in ((0, 1), (2, 2)):
+    for s, r0 in ((0, 1), (1, 0), (2, 2)):
         for t in range(R + 1):
             old, new = under(before, f"shards/{s}/{t}/"), under(after, f"shards/{s}/{t}/")
             assert old and new
@@ -370,7 +372,8 @@ def crash_on_save(monkeypatch, after: int) -> list:
     return saved
 
 
-# ids in (shard 0, slice 0) and (shard 2, slice 1): saves (0,0) (0,1) (0,2) (2,2) (0,3) (2,3);
+# ids in (shard 0, slice 0) and (shard 2, slice 1): saves (0,1) (0,2) (2,2) (0,3) (2,3)
+# (checkpoint 0, the initial state, is never rewritten);
 # ids in (shard 0, slice 1) and (shard 2, slice 2): saves (0,2) (0,3) (2,3), the first one
 # after restoring and retraining a stage.
 SCENARIOS = {
@@ -384,7 +387,7 @@ SCENARIOS = {
     [
         ("from-init", 0),
         ("from-init", 2),
-        ("from-init", 5),
+        ("from-init", 4),
         ("from-checkpoint", 0),
         ("from-checkpoint", 2),
     ],
@@ -413,24 +416,24 @@ def test_crash_during_forget_then_open_recovers_exactly(
 def test_crash_that_deleted_a_checkpoint_mid_overwrite_recovers_exactly(
     base, tmp_path, monkeypatch
 ):
-    """The harshest point: ``save_checkpoint(overwrite=True)`` removed the old step, then died."""
+    """The harshest point: the background writer removed the old checkpoint, then died."""
     d, sisa = copy_of(base, tmp_path)
-    ids = [pick(PLAN, 1, 1, 2), pick(PLAN, 3, 0, 3)]  # saves (3,0) (3,1) (1,2) (3,2) (1,3) (3,3)
+    ids = [pick(PLAN, 1, 1, 2), pick(PLAN, 3, 0, 3)]  # writes (3,1) (1,2) (3,2) (1,3) (3,3)
     calls = []
-    original = ckpt.save_checkpoint
+    original = store.write_checkpoint
 
-    def dying(directory, step, tree, **kw):
-        calls.append((Path(directory).name, step))
-        if len(calls) == 4:
-            shutil.rmtree(Path(directory) / str(step))  # the old checkpoint is gone ...
+    def dying(path, state):
+        calls.append((Path(path).parent.name, int(Path(path).name)))
+        if len(calls) == 3:
+            shutil.rmtree(path)  # the old checkpoint is gone ...
             raise OSError("injected: disk full")  # ... and the new one never written
-        return original(directory, step, tree, **kw)
+        return original(path, state)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", dying)
+    monkeypatch.setattr(store, "write_checkpoint", dying)
     with pytest.raises(OSError, match="disk full"):
         sisa.forget(ids)
     monkeypatch.undo()
-    assert calls[-1] == ("3", 2)
+    assert calls[-1] == ("3", 2)  # no write after the failed one
     assert not (d / "shards" / "3" / "2").exists()
     assert ledger_entries(d) == {i: "pending" for i in ids}
     recovered = SISAModel.open(d, MODEL, TX, DATA)

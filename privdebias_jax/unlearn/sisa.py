@@ -60,6 +60,7 @@ from privdebias_jax.train import TrainState, create_train_state
 from privdebias_jax.types import PrivDebiasError, PRNGKey
 from privdebias_jax.unlearn.ledger import Ledger, atomic_write_json
 from privdebias_jax.unlearn.plan import PADDING_ID, ShardPlan
+from privdebias_jax.unlearn.store import ShardStore
 
 
 def sisa_epochs(total_epochs: int, num_slices: int) -> tuple[int, ...]:
@@ -107,7 +108,12 @@ class RetrainCost:
     """What one (re)training pass computed.
 
     Attributes:
-      seconds: wall time, of which ``restore_seconds`` / ``save_seconds`` went to checkpoints.
+      seconds: wall time, of which ``restore_seconds`` went to restoring checkpoints (or
+        initialising shards that start at stage 0) and ``save_seconds`` to saving them: queueing
+        the writes and waiting at the end for those not yet on disk.
+      write_seconds: time the background writer spent writing checkpoints (mostly overlapped
+        with training, so not part of ``seconds``).
+      saves / restores: checkpoints written / read.
       shards: the shards retrained, with the stage each started from (``{shard: stage}``).
       programs: calls of a width-``W`` stage program (``layout="loop"``: per stage, not per batch).
       lane_stages: shard-stages computed (including dummy lanes that pad a program to ``W``).
@@ -117,6 +123,9 @@ class RetrainCost:
     seconds: float = 0.0
     restore_seconds: float = 0.0
     save_seconds: float = 0.0
+    write_seconds: float = 0.0
+    saves: int = 0
+    restores: int = 0
     shards: dict[int, int] = dataclasses.field(default_factory=dict)
     programs: int = 0
     lane_stages: int = 0
@@ -222,6 +231,7 @@ class SISAModel:
         self.lineage = self.fingerprint
         self._check_directory()
         self.ledger = Ledger(self.directory / "ledger.json", self.lineage)
+        self.store = ShardStore(self.directory / "shards", self._template)
         self.states: list[TrainState | None] = [None] * s
 
     # ------------------------------------------------------------------ layout and identity
@@ -303,13 +313,15 @@ class SISAModel:
         return alive
 
     def _shard_dir(self, shard: int) -> Path:
-        return self.directory / "shards" / str(shard)
+        return self.store.shard_dir(shard)
 
     def _save(self, shard: int, stage_done: int, state: Any) -> None:
-        ckpt.save_checkpoint(self._shard_dir(shard), stage_done, state, overwrite=True)
+        """Queue the checkpoint of ``shard`` after ``stage_done`` stages (written in the
+        background; :meth:`_retrain` waits for every write before it returns)."""
+        self.store.save(shard, stage_done, state)
 
     def _restore(self, shard: int, stage_done: int) -> TrainState:
-        return ckpt.restore_checkpoint(self._shard_dir(shard), self._template, stage_done)
+        return self.store.restore(shard, stage_done)
 
     def _init_state(self, shard: int) -> TrainState:
         init_key, _ = self._shard_keys(shard)
@@ -320,11 +332,40 @@ class SISAModel:
     def _retrain(
         self, start: dict[int, int], progress: bool = False, desc: str = "sisa"
     ) -> RetrainCost:
-        """Train every shard in ``start`` from the checkpoint before stage ``start[s]`` to the end."""
+        """Train every shard in ``start`` from the checkpoint before stage ``start[s]`` to the end.
+
+        Checkpoints are written in the background while the next stage trains; this returns
+        only once all of them are on disk (the caller then marks the requests done). On an
+        error the writes already queued are waited for, then the error is raised.
+        """
         t_all = time.perf_counter()
         cost = RetrainCost(shards=dict(sorted(start.items())))
         if not start:
             return cost
+        write_before = self.store.write_seconds
+        try:
+            current = self._retrain_stages(start, cost, progress, desc)
+            t0 = time.perf_counter()
+            self.store.wait()
+            cost.save_seconds += time.perf_counter() - t0
+        except BaseException:
+            self.store.drain()
+            raise
+        for s, state in current.items():
+            self.states[s] = state
+        cost.write_seconds = self.store.write_seconds - write_before
+        cost.seconds = time.perf_counter() - t_all
+        return cost
+
+    def _save_timed(self, shard: int, stage_done: int, state: Any, cost: RetrainCost) -> None:
+        t0 = time.perf_counter()
+        self._save(shard, stage_done, state)
+        cost.saves += 1
+        cost.save_seconds += time.perf_counter() - t0
+
+    def _retrain_stages(
+        self, start: dict[int, int], cost: RetrainCost, progress: bool, desc: str
+    ) -> dict[int, Any]:
         current: dict[int, Any] = {}
         r_total = self.plan.num_slices
         bar = None
@@ -338,36 +379,33 @@ class SISAModel:
                 if s not in current:
                     t0 = time.perf_counter()
                     if t == 0:
+                        # the initial state depends only on the key: checkpoint 0 is written
+                        # once, never rewritten
                         state = self._init_state(s)
-                        self._save(s, 0, state)
+                        if not self.store.exists(s, 0):
+                            self._save_timed(s, 0, state, cost)
                     else:
-                        state = jax.tree_util.tree_map(np.asarray, self._restore(s, t))
+                        state = self._restore(s, t)
+                        cost.restores += 1
                     current[s] = state
                     cost.restore_seconds += time.perf_counter() - t0
             # A slice that holds only padding (a shard that received no samples in
             # :meth:`add`) adds no stage: the state carries over unchanged.
             skipped = [s for s in lanes if self.plan.slice_is_empty(s, t)]
             for s in skipped:
-                t0 = time.perf_counter()
-                self._save(s, t + 1, current[s])
-                cost.save_seconds += time.perf_counter() - t0
+                self._save_timed(s, t + 1, current[s], cost)
             lanes = [s for s in lanes if s not in skipped]
             for g in range(0, len(lanes), self.width):
                 group = lanes[g : g + self.width]
                 outs = self._run_stage(t, group, [current[s] for s in group], cost)
                 for i, s in enumerate(group):
                     current[s] = tree_index(outs, i)
-                    t0 = time.perf_counter()
-                    self._save(s, t + 1, current[s])
-                    cost.save_seconds += time.perf_counter() - t0
+                    self._save_timed(s, t + 1, current[s], cost)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        for s, state in current.items():
-            self.states[s] = state
-        cost.seconds = time.perf_counter() - t_all
-        return cost
+        return current
 
     def _run_stage(self, t: int, group: list[int], states: list[Any], cost: RetrainCost) -> Any:
         cap = (t + 1) * self.plan.slice_capacity
