@@ -152,9 +152,13 @@ def _default_loss(model: nn.Module) -> Callable[..., jax.Array]:
     return make_loss_fn(model)
 
 
-def _accuracy(model, params, model_state, ds: Dataset) -> float:
-    logits, _ = predict(model, params, model_state, ds)
-    return float(np.mean(logits.argmax(-1) == np.asarray(ds.y)))
+def _bias_and_accuracy(model: nn.Module, params: Any, model_state: Any, pairs: Dataset) -> tuple[float, float]:
+    """``(B(θ), accuracy on the originals)`` from one forward pass over ``pairs`` = originals
+    followed by their counterfactuals (same order)."""
+    logits, _ = predict(model, params, model_state, pairs)
+    n = len(pairs) // 2
+    bias = float(counterfactual_bias_from_logits(logits[:n], logits[n:]))
+    return bias, float(np.mean(logits[:n].argmax(-1) == np.asarray(pairs.y[:n])))
 
 
 def fmd_debias(
@@ -228,6 +232,8 @@ def fmd_debias(
     """
     if mode not in MODES:
         raise PrivDebiasError(f"unknown FMD mode {mode!r}; expected one of {MODES}")
+    if not delta >= 0:
+        raise PrivDebiasError(f"delta must be ≥ 0, got {delta}")
     if not damping > 0:
         raise PrivDebiasError(f"FMD needs damping > 0, got {damping}")
     if len(external) == 0:
@@ -269,9 +275,16 @@ def fmd_debias(
     # 1. identify
     t0 = time.perf_counter()
     ext_cf_raw = counterfactual(external, other_attribute(external.a, num_attributes, keys[0]))
-    ext_w, ext_cf = to_work(external), to_work(ext_cf_raw)
-    identified = identify_bias(work_model, work_state, {"attribute": (ext_w, ext_cf)}, delta)["attribute"]
-    acc_before = _accuracy(work_model, work_state.params, work_state.model_state, ext_w)
+    # one forward pass over the pairs (originals, then counterfactuals)
+    both_w = to_work(Dataset(x=np.concatenate([np.asarray(external.x), np.asarray(ext_cf_raw.x)]),
+                             y=np.concatenate([np.asarray(external.y), np.asarray(ext_cf_raw.y)]),
+                             a=np.concatenate([np.asarray(external.a), np.asarray(ext_cf_raw.a)]),
+                             idx=np.arange(2 * len(external), dtype=np.int64)))
+    n_ex = len(external)
+    ext_w = Dataset(both_w.x[:n_ex], external.y, external.a, external.idx)
+    ext_cf = Dataset(both_w.x[n_ex:], ext_cf_raw.y, ext_cf_raw.a, ext_cf_raw.idx)
+    bias_before, acc_before = _bias_and_accuracy(work_model, work_state.params, work_state.model_state, both_w)
+    identified = {"bias": bias_before, "biased": bool(bias_before > delta), "delta": float(delta), "pairs": n_ex}
     t_identify = time.perf_counter() - t0
     report: dict[str, Any] = {
         "mode": mode,
@@ -324,13 +337,7 @@ def fmd_debias(
     elif int(newton_iterations) > 1:  # iterated external mode: one compiled proximal Newton-CG
         t_eval = 0.0
         t0 = time.perf_counter()
-        both = Dataset(
-            x=np.concatenate([np.asarray(ext_w.x), np.asarray(ext_cf.x)]),
-            y=np.concatenate([np.asarray(ext_w.y), np.asarray(ext_cf.y)]),
-            a=np.concatenate([np.asarray(ext_w.a), np.asarray(ext_cf.a)]),
-            idx=np.arange(2 * len(ext_w), dtype=np.int64),
-        )
-        problem = make_problem(loss_fn, work_state.params, both, select=work_select, damping=damping,
+        problem = make_problem(loss_fn, work_state.params, both_w, select=work_select, damping=damping,
                                model=work_model, model_state=ms)
         sel, hist = _proximal_newton(
             loss_fn, problem.selected, problem.frozen, problem.batch, ms, jnp.float32(proximal),
@@ -363,8 +370,7 @@ def fmd_debias(
     for m in sorted({0.0, *(float(x) for x in step_sizes)}):  # step 0 = keep the model
         sel = jax.tree_util.tree_map(lambda p, d, m=m: p + m * d, problem.selected, update.delta)
         params = problem.with_selected(sel)
-        b = counterfactual_bias_value(work_model, params, ms, ext_w, ext_cf)
-        acc = _accuracy(work_model, params, ms, ext_w)
+        b, acc = _bias_and_accuracy(work_model, params, ms, both_w)
         candidates.append({"step": float(m), "bias_external": b, "acc_external": acc, "params": params})
     ok = [c for c in candidates if c["acc_external"] >= acc_before - max_acc_drop]  # never empty: step 0
     best = min(ok, key=lambda c: (c["bias_external"], c["step"]))
@@ -403,10 +409,10 @@ def _proximal_newton(loss_fn, selected0, frozen, batch, model_state, mu, *, iter
     leaves = jax.tree_util.tree_leaves
 
     def vdot(a, b):
-        return sum(jnp.vdot(x, y) for x, y in zip(leaves(a), leaves(b)))
+        return sum(jnp.vdot(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
 
     def f(s):
-        prox = sum(jnp.sum((x - y) ** 2) for x, y in zip(leaves(s), leaves(selected0)))
+        prox = sum(jnp.sum((x - y) ** 2) for x, y in zip(leaves(s), leaves(selected0), strict=True))
         params = merge_params(s, frozen)
         value = loss_fn(params, batch) if model_state is None else loss_fn(params, batch, model_state)
         return value + 0.5 * mu * prox
