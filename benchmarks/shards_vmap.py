@@ -48,6 +48,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -145,7 +146,9 @@ def _to_device_copy(tree):
 
 
 # ---------------------------------------------------------------------------- variants
-def make_variants(model, tx, states, data, keys, *, epochs, batch_size, layouts, which, mesh):
+def make_variants(
+    model, tx, states, data, keys, *, epochs, batch_size, layouts, which, mesh, group_widths=()
+):
     """Zero-argument functions, one per variant, each returning the final stacked states (NumPy)."""
     num_shards = int(data.mask.shape[0])
     rows = int(data.mask.shape[1])
@@ -203,6 +206,34 @@ def make_variants(model, tx, states, data, keys, *, epochs, batch_size, layouts,
 
         variants["loop_scan"] = loop_scan
 
+    for width in group_widths:
+        if not 1 < width < num_shards:
+            continue
+
+        def vmap_groups(width=width):
+            # what train_shards(program_width=width) runs: ceil(S / width) calls of the
+            # width-lane program, each a whole stage
+            outs = []
+            for g in range(0, num_shards, width):
+                part = lambda v, g=g: v[g : g + width]  # noqa: E731
+                out = run_stage(
+                    model,
+                    tx,
+                    jax.tree_util.tree_map(part, states),
+                    jax.tree_util.tree_map(part, data),
+                    keys[g : g + width],
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    layout=layouts[0],
+                    mesh=None,
+                )
+                outs.extend(
+                    tree_index(out, i) for i in range(int(np.shape(keys[g : g + width])[0]))
+                )
+            return tree_stack(outs)
+
+        variants[f"vmap_w{width}"] = vmap_groups
+
     if "loop_stage_w1" in which:
         layout1 = layouts[0]
 
@@ -239,9 +270,14 @@ def timed_run(variants: dict, repeats: int) -> tuple[dict, dict]:
 
         return wrapped
 
+    cpu0, wall0 = os.times(), time.perf_counter()
     times = time_interleaved(
         {n: keep(n, f) for n, f in variants.items()}, repeats=repeats, warmup=1
     )
+    cpu1, wall1 = os.times(), time.perf_counter()
+    # cores this process kept busy on average (warm-up included): ~1 on a 2-core machine
+    # shared with another job means there was no second core to parallelise over
+    timed_run.cpu_share = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (wall1 - wall0)
     return times, finals
 
 
@@ -273,6 +309,7 @@ def measure_shards(args, model, tx, train, input_shape, num_shards: int, layouts
         layouts=layouts,
         which=which,
         mesh=None,
+        group_widths=tuple(args.group_widths),
     )
     times, finals = timed_run(variants, args.repeats)
     examples = int(sizes.sum()) * args.epochs
@@ -297,6 +334,16 @@ def measure_shards(args, model, tx, train, input_shape, num_shards: int, layouts
         for other in v
         if other != primary
     }
+    # the same ratios from each round's own timings (round r times every variant once, so a
+    # slow phase of the shared machine hits both sides): median over rounds
+    out["ratios_paired_median"] = {
+        f"{name}/loop_per_batch": median(
+            [lp / t for lp, t in zip(times["loop_per_batch"], ts, strict=True)]
+        )
+        for name, ts in times.items()
+        if name != "loop_per_batch"
+    }
+    out["process_cpu_share"] = timed_run.cpu_share
     out["vmap_over_loop_per_batch"] = out["ratios"][f"{primary}/loop_per_batch"]
     out["vmap_over_loop_scan"] = out["ratios"][f"{primary}/loop_scan"]
     # Same computation? After one epoch the rounding differences are still tiny (later, Adam
@@ -425,6 +472,14 @@ def parse(argv):
         default=None,
         choices=("scan", "loop"),
         help="vmapped layouts to time; the first is the primary (default: the auto layout)",
+    )
+    p.add_argument(
+        "--group-widths",
+        type=int,
+        nargs="*",
+        default=[4],
+        help="also time vmap_wG: the S shards as ceil(S/G) calls of the G-lane stage program "
+        "(train_shards with program_width=G); widths outside (1, S) are skipped",
     )
     p.add_argument("--devices", type=int, default=1, help="> 1: also run the fake-device check")
     p.add_argument("--seed", type=int, default=0)

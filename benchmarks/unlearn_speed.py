@@ -189,10 +189,11 @@ class Bench:
             "checkpoint_io_seconds": cost.save_seconds + cost.restore_seconds,
             "save_seconds": cost.save_seconds,
             "restore_seconds": cost.restore_seconds,
-            # a shard restarted at stage r0 saves stages r0+1..R (and checkpoint 0 when r0 = 0)
-            "checkpoint_saves": sum(
-                self.args.slices - r0 + (r0 == 0) for r0 in cost.shards.values()
-            ),
+            # background writer time (overlapped with training; not part of "seconds")
+            "checkpoint_write_seconds": cost.write_seconds,
+            # a shard restarted at stage r0 saves stages r0+1..R (checkpoint 0 is never rewritten)
+            "checkpoint_saves": cost.saves,
+            "checkpoint_restores": cost.restores,
             "shards_retrained": {str(k): v for k, v in cost.shards.items()},
             "num_shards_retrained": len(cost.shards),
             "slices_hit": sorted(set(slices.tolist())),

@@ -24,6 +24,10 @@ retrains ``W`` lanes, not ``S``); larger ``W`` trains faster on accelerators.
 before anything else), restores each affected shard from the checkpoint before its earliest
 affected slice, retrains the remaining stages without the forgotten samples (affected shards
 together, ``W`` per program), overwrites their later checkpoints and marks the request done.
+Checkpoints (:mod:`~privdebias_jax.unlearn.store`: one flat vector per dtype, ~3× cheaper in
+orbax than a tree of small leaves) are written on a background thread while the next stage
+trains, and all of them are on disk before the request is marked done. The initial state
+(checkpoint 0) depends only on the key and is never rewritten.
 Unaffected shards are neither recomputed nor rewritten. Every shard's randomness depends
 only on ``(key, shard, stage, epoch)`` and on which of its samples are alive, so a forgotten
 shard equals, bit for bit, the shard trained from scratch without those ids.
@@ -178,7 +182,8 @@ class SISAModel:
 
         meta.json            plan, config, key, fingerprint
         ledger.json          deletion requests (see :class:`~privdebias_jax.unlearn.Ledger`)
-        shards/<s>/<t>/      orbax checkpoint of shard s after t stages (t = 0: initial state)
+        shards/<s>/<t>/      orbax checkpoint of shard s after t stages (t = 0: initial state),
+                             see :mod:`privdebias_jax.unlearn.store`
     """
 
     def __init__(
