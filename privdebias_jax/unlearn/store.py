@@ -85,7 +85,9 @@ def unflatten_state(template: Any, arrays: dict[str, np.ndarray]) -> Any:
         offsets[name] = start + size
     for name, used in offsets.items():
         if used != np.asarray(arrays[name]).size:
-            raise PrivDebiasError(f"checkpoint has {np.asarray(arrays[name]).size - used} extra {name} entries")
+            raise PrivDebiasError(
+                f"checkpoint has {np.asarray(arrays[name]).size - used} extra {name} entries"
+            )
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -108,9 +110,7 @@ def read_checkpoint(path: Path, template: Any) -> Any:
     for leaf in jax.tree_util.tree_leaves(template):
         name = np.dtype(leaf.dtype).name
         abstract[name] = abstract.get(name, 0) + int(np.prod(leaf.shape, dtype=np.int64))
-    abstract = {
-        k: jax.ShapeDtypeStruct((n,), np.dtype(k)) for k, n in abstract.items()
-    }
+    abstract = {k: jax.ShapeDtypeStruct((n,), np.dtype(k)) for k, n in abstract.items()}
     try:
         arrays = _handler().restore(path, args=ocp.args.PyTreeRestore(abstract))
     except Exception as err:  # orbax raises several types for a missing or mismatched tree
@@ -206,7 +206,9 @@ class ShardStore:
             future.result()
         path = self.path(shard, stage)
         if not path.is_dir():
-            raise PrivDebiasError(f"no checkpoint of shard {shard} after stage {stage} in {self.root}")
+            raise PrivDebiasError(
+                f"no checkpoint of shard {shard} after stage {stage} in {self.root}"
+            )
         return read_checkpoint(path, self.template)
 
 
