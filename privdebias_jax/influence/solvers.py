@@ -248,6 +248,45 @@ def linear_head(head: str = "head") -> InverseHVPSolver:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("loss_fn", "curvature_fn", "maxiter"))
+def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, b, tol, *, maxiter: int):
+    """Conjugate gradient from ``x₀ = 0`` as one compiled ``lax.while_loop`` (one HVP per iteration).
+
+    Returns ``(x, iterations, converged, negative_curvature)``: stops once ``‖r‖ ≤ tol ‖b‖``,
+    after ``maxiter`` iterations, or (leaving ``x`` as it was) at a direction with
+    ``pᵀ H_λ p ≤ 0`` or a non-finite curvature.
+    """
+    unravel = ravel_pytree(selected)[1]
+
+    def mv(x):
+        hv = _damped_hvp(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, unravel(x))
+        return ravel_pytree(hv)[0]
+
+    bnorm = jnp.linalg.norm(b)
+
+    def cond(c):
+        it, _, _, _, _, converged, negative = c
+        return (it < maxiter) & ~converged & ~negative
+
+    def body(c):
+        it, x, r, p, rs, _, _ = c
+        ap = mv(p)
+        pap = p @ ap
+        negative = ~jnp.isfinite(pap) | (pap <= 0)
+        alpha = jnp.where(negative, 0.0, rs / jnp.where(negative, 1.0, pap))
+        x_new, r_new = x + alpha * p, r - alpha * ap
+        rs_new = r_new @ r_new
+        converged = jnp.sqrt(rs_new) <= tol * bnorm
+        p_new = r_new + (rs_new / jnp.where(rs == 0, 1.0, rs)) * p
+        keep = lambda new, old: jnp.where(negative, old, new)  # noqa: E731
+        return (jnp.where(negative, it, it + 1), keep(x_new, x), keep(r_new, r), keep(p_new, p), keep(rs_new, rs),
+                converged & ~negative, negative)
+
+    start = (jnp.int32(0), jnp.zeros_like(b), b, b, b @ b, bnorm == 0, jnp.bool_(False))
+    it, x, _, _, _, converged, negative = jax.lax.while_loop(cond, body, start)
+    return x, it, converged, negative
+
+
 def cg(tol: float = 1e-6, maxiter: int = 200) -> InverseHVPSolver:
     """Conjugate gradient on ``H_λ x = v`` with one HVP per iteration, from ``x₀ = 0``.
 
@@ -264,32 +303,12 @@ def cg(tol: float = 1e-6, maxiter: int = 200) -> InverseHVPSolver:
         t0 = time.perf_counter()
         problem = state["problem"]
         vf = _check_rhs(problem, v)
-        mv = lambda x: problem.ravel(problem.matvec(problem.unravel(x)))  # noqa: E731
-        x = jnp.zeros_like(vf)
-        r = vf
-        p = r
-        rs = float(r @ r)
-        bnorm = float(jnp.linalg.norm(vf))
-        flags: dict[str, Any] = {}
-        it = 0
-        converged = bnorm == 0
-        while not converged and it < maxiter:
-            ap = mv(p)
-            pap = float(p @ ap)
-            if not np.isfinite(pap) or pap <= 0:
-                flags["negative_curvature"] = True
-                break
-            alpha = rs / pap
-            x = x + alpha * p
-            r = r - alpha * ap
-            rs_new = float(r @ r)
-            it += 1
-            if np.sqrt(rs_new) <= tol * bnorm:
-                converged = True
-                break
-            p = r + (rs_new / rs) * p
-            rs = rs_new
-        return _finish("cg", problem, vf, x, it, t0, converged, flags)
+        x, it, converged, negative = _cg_program(
+            problem.loss_fn, problem._curvature_fn(), jnp.asarray(problem.damping, jnp.float32), problem.selected,
+            problem.frozen, problem.batch, problem.model_state, vf, jnp.asarray(tol, vf.dtype), maxiter=int(maxiter),
+        )
+        flags: dict[str, Any] = {"negative_curvature": True} if bool(negative) else {}
+        return _finish("cg", problem, vf, x, int(it), t0, bool(converged), flags)
 
     return InverseHVPSolver("cg", prepare, solve)
 
