@@ -299,6 +299,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config.sync[field] = value
     if args.no_naive:
         config.sync.naive = False
+    if args.no_fmd_pass:
+        config.sync.fmd_pass = False
     run_main_job(
         config, Path(args.out), quick=args.quick, progress=not args.no_progress, resume=args.resume
     )
@@ -475,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, help="deletions per step (default: a round's share in one step)")
     p.add_argument("--delta", type=float, help="target KL/MI bias of the data, nats")
     p.add_argument("--no-naive", action="store_true", help="skip the naive-combination baseline")
+    p.add_argument(
+        "--no-fmd-pass", action="store_true", help="skip the FMD pass on the loop's result (sync+FMD column)"
+    )
     p.set_defaults(func=_cmd_run, dataset_required=False)
 
     p = sub.add_parser(

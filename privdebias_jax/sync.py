@@ -565,6 +565,70 @@ def naive_combination(
     return out
 
 
+def fmd_pass(
+    ctx: SyncContext,
+    directory: str | Path,
+    state: SyncState,
+    external: Dataset,
+    key: PRNGKey,
+    *,
+    proximal: float = 0.01,
+    newton_iterations: int = 10,
+    cg_iterations: int = 30,
+    damping: float = 0.01,
+    step_sizes: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0),
+    max_acc_drop: float = 0.05,
+) -> dict[str, Any]:
+    """The optional FMD pass on the loop's result (FMD: Chen et al., NeurIPS 2023).
+
+    Every shard's last layer is debiased by FMD's iterated external mode
+    (:func:`privdebias_jax.debias.fmd.fmd_debias` with ``mode="external"``: Newton-CG on
+    ``(1/2n) Σ_k [ℓ(z_k) + ℓ(z̄_k)] + (μ/2)‖θ − θ⁰‖²`` over the external set ``D_ex`` and its
+    counterfactuals), and the ensemble of the debiased shards is measured like a round. Only
+    ``D_ex`` (held-out samples, never training data) enters the update, so nothing forgotten
+    comes back; the SISA store is left as it is (a later deletion retrains its shards exactly,
+    and the pass is re-run on the result). Returns ``{"metrics", "seconds", "shards",
+    "num_params_updated", "model"}`` (``model``: the debiased ensemble's ``(module, params,
+    model_state)``).
+
+    Raises:
+      PrivDebiasError: an empty external set, ``proximal ≤ 0`` (see ``fmd_debias``).
+    """
+    from privdebias_jax.debias.fmd import fmd_debias
+    from privdebias_jax.unlearn.ensemble import ensemble_from_states
+
+    directory = Path(directory)
+    sisa, data = _current(ctx, directory, state.round)
+    t0 = time.perf_counter()
+    states, shards = [], []
+    for s in range(sisa.plan.num_shards):
+        r = fmd_debias(
+            sisa.model, sisa.shard_state(s), external, ctx.splits.counterfactual, ctx.splits.num_attributes,
+            mode="external", newton_iterations=max(2, int(newton_iterations)), proximal=float(proximal),
+            cg_iterations=int(cg_iterations), damping=float(damping), step_sizes=tuple(step_sizes),
+            max_acc_drop=float(max_acc_drop), key=jax.random.fold_in(key, s),
+        )
+        states.append(r.state)
+        shards.append({k: r.report.get(k) for k in ("bias_external_before", "bias_external_after",
+                                                     "acc_external_before", "acc_external_after", "step",
+                                                     "num_params_updated")})
+    seconds = time.perf_counter() - t0
+    originals = ctx.splits.train
+    target = ensemble_from_states(sisa.model, states, ctx.aggregate)
+    metrics = measure(
+        target,
+        ctx.splits,
+        _alive(sisa, data),
+        remove_ids(originals, sisa.forgotten) if sisa.forgotten.size else originals,
+        _forgotten_originals(sisa, originals),
+        key=jax.random.fold_in(key, 10**6),
+        attack_size=int(ctx.sync.attack_size),
+        forgotten_nonmembers=_matched_pool(ctx, directory),
+    )
+    return {"metrics": metrics, "seconds": seconds, "shards": shards, "model": target,
+            "num_params_updated": int(sum(int(r["num_params_updated"] or 0) for r in shards))}
+
+
 def total_synthetic(state: SyncState) -> int:
     """Synthetic samples added over all rounds."""
     return int(sum(h.get("added", 0) for h in state.history))
@@ -585,7 +649,8 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     bias of the training data, nats), ``chance_margin`` (an attack counts as at chance when its
     balanced accuracy ≤ 0.5 + margin), ``max_new_per_round`` (cap on synthetic samples per round;
     0 = none), ``attack_size`` (members and non-members per attack), ``aggregate``
-    (``mean_softmax`` / ``vote``), ``naive`` (also run the augment-once-then-unlearn baseline).
+    (``mean_softmax`` / ``vote``), ``naive`` (also run the augment-once-then-unlearn baseline),
+    ``fmd_pass`` (debias the loop's result with FMD's external mode, :func:`fmd_pass`).
     """
     c = ml_collections.ConfigDict()
     c.rounds = 3
@@ -601,6 +666,7 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     c.attack_size = 400
     c.aggregate = "mean_softmax"
     c.naive = True
+    c.fmd_pass = True
     if quick:
         c.rounds = 1
         c.shards = 2

@@ -194,3 +194,42 @@ def test_naive_combination_uses_one_augmentation_and_one_forget(whole):
     assert json.loads((out / "naive" / "naive.json").read_text())["metrics"]["added"] == 90
     assert 0.0 <= m["membership"]["strongest_balanced_accuracy"] <= 1.0
     assert "membership_forgotten" in m
+
+
+def test_fmd_pass_debiases_every_shard_head_and_nothing_else(whole):
+    """The FMD pass on the loop's result: backbones bitwise unchanged, each shard's external bias
+    as recomputed from its new head and lowered, the ensemble = mean softmax of its members."""
+    from jax.scipy.special import logsumexp
+
+    from privdebias_jax.data import other_attribute
+    from privdebias_jax.debias.fmd import counterfactual_bias_value, split_external
+
+    ctx, state, out = whole
+    external, _ = split_external(SPLITS.test_unbiased, 60, key=3)
+    res = sync.fmd_pass(ctx, out / "sync", state, external, jax.random.key(5), proximal=0.05)
+    module, params, model_state = res["model"]
+    sisa, _ = sync._current(ctx, out / "sync", state.round)
+    members = params["members"]
+    for s_ in range(sisa.plan.num_shards):
+        old = sisa.shard_state(s_)
+        new = jax.tree_util.tree_map(lambda v, i=s_: v[i], members)
+        for name in old.params:
+            same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+                jax.tree_util.tree_leaves(old.params[name]), jax.tree_util.tree_leaves(new[name]), strict=True))
+            assert same == (name != "head"), name
+        k0 = jax.random.split(jax.random.fold_in(jax.random.key(5), s_), 2)[0]
+        cf = SPLITS.counterfactual(external, other_attribute(external.a, 10, k0))
+        rep = res["shards"][s_]
+        assert rep["bias_external_after"] == pytest.approx(
+            counterfactual_bias_value(sisa.model, new, old.model_state, external, cf), abs=1e-5)
+        assert rep["bias_external_after"] < rep["bias_external_before"]
+    # the ensemble's logits are log of the members' mean softmax
+    x = SPLITS.test_unbiased
+    got, _ = predict(module, params, model_state, x)
+    logps = [jax.nn.log_softmax(predict(sisa.model, jax.tree_util.tree_map(lambda v, i=i: v[i], members),
+                                        sisa.shard_state(i).model_state, x)[0]) for i in range(sisa.plan.num_shards)]
+    want = logsumexp(np.stack(logps), axis=0) - np.log(len(logps))
+    np.testing.assert_allclose(jax.nn.log_softmax(got), want, atol=1e-5)
+    acc = float(np.mean(np.argmax(want, 1) == np.asarray(x.y)))
+    assert res["metrics"]["acc_unbiased"] == pytest.approx(acc, abs=1e-6)
+    assert res["num_params_updated"] == sum(r["num_params_updated"] for r in res["shards"]) > 0
