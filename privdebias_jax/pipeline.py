@@ -41,8 +41,14 @@ from privdebias_jax.types import PrivDebiasError, PRNGKey
 def load_splits(config: ml_collections.ConfigDict) -> DataSplits:
     """The dataset named by ``config.dataset`` with the config's ρ, size and seed.
 
+    ``cifar10`` and ``celeba`` come through TFDS (:mod:`privdebias_jax.data.tfds_sources`) from
+    ``config.data_dir``, capped at ``train_size`` / ``test_size`` records; ``cifar10`` takes
+    ``attribute`` (``"tint"``: the synthetic colour-tint attribute at ``rho`` with
+    ``tint_strength``), ``celeba`` takes ``target`` and ``attribute``.
+
     Raises:
-      PrivDebiasError: unknown dataset, ρ outside [0, 1], missing Adult files.
+      PrivDebiasError: unknown dataset, ρ outside [0, 1], missing Adult files, a TFDS dataset
+        not prepared under ``data_dir``.
     """
     name = config.dataset
     if name in ("colored-mnist", "biased-mnist"):
@@ -55,6 +61,29 @@ def load_splits(config: ml_collections.ConfigDict) -> DataSplits:
         )
     if name == "adult":
         return load_dataset(name, data_dir=config.get("data_dir"))
+    if name == "cifar10":
+        # attribute "tint": the synthetic colour-tint attribute (privdebias_jax.data.tint)
+        return load_dataset(
+            name,
+            data_dir=config.get("data_dir"),
+            attribute=str(config.get("attribute", "none")),
+            image_size=int(config.image_size),
+            max_examples=config.get("train_size"),
+            max_test=config.get("test_size"),
+            rho=float(config.get("rho", 0.99)),
+            tint_strength=float(config.get("tint_strength", 0.5)),
+            key=jax.random.fold_in(jax.random.key(int(config.seed)), 1),
+        )
+    if name == "celeba":
+        return load_dataset(
+            name,
+            target=str(config.get("target", "Blond_Hair")),
+            attribute=str(config.get("attribute", "Male")),
+            image_size=int(config.image_size),
+            data_dir=config.get("data_dir"),
+            max_train=config.get("train_size"),
+            max_test=config.get("test_size"),
+        )
     return load_dataset(name)
 
 

@@ -62,10 +62,10 @@ from privdebias_jax.unlearn.ledger import atomic_write_json
 
 
 def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrink a config for smoke tests: 8×8 images, 600 training images, 2 epochs."""
+    """Shrink a config for smoke tests: 8×8 images, at most 600 training images, 2 epochs."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.image_size = min(int(config.image_size), 8)
-    config.train_size = 600
+    config.train_size = min(int(config.train_size), 600) if config.get("train_size") else 600
     config.epochs = min(int(config.epochs), 2)
     config.batch_size = min(int(config.batch_size), 128)
     if "fmd" in config:
@@ -172,15 +172,26 @@ def run_main_job(
     stages["evaluate_vanilla"] = time.perf_counter() - t - trained.results["train_seconds"]
 
     t = time.perf_counter()
-    say(f"[3/6] FMD debiasing: last layer, {config.fmd.solver}, {config.fmd.newton_iterations} Newton iteration(s), "
-        f"|D_ex| = {len(external)}")
-    fmd = debias_and_evaluate(config, out / "fmd", trained=trained, external=external, progress=progress)
-    stages["fmd_debias"] = fmd["debias_seconds"]
-    stages["evaluate_fmd"] = time.perf_counter() - t - fmd["debias_seconds"]
+    # FMD (and the loop's FMD pass) need counterfactuals; a dataset without them (CelebA: no
+    # face can be re-rendered with the other attribute) skips both, and the report says so.
+    has_cf = splits.counterfactual is not None
+    fmd = None
+    if has_cf:
+        say(f"[3/6] FMD debiasing: last layer, {config.fmd.solver}, {config.fmd.newton_iterations} Newton "
+            f"iteration(s), |D_ex| = {len(external)}")
+        fmd = debias_and_evaluate(config, out / "fmd", trained=trained, external=external, progress=progress)
+        stages["fmd_debias"] = fmd["debias_seconds"]
+        stages["evaluate_fmd"] = time.perf_counter() - t - fmd["debias_seconds"]
+    else:
+        say(f"[3/6] FMD skipped: dataset {splits.name!r} has no counterfactual construction")
 
     t = time.perf_counter()
-    say(f"[4/6] bias-guided diffusion: {'tiny' if quick else 'CPU default'} denoiser on {len(splits.train)} images")
-    acfg = aug.AugmentConfig.tiny() if quick else aug.AugmentConfig.cpu_default()
+    if config.get("augment") is not None:  # an explicit augmenter config (experiments: paper size)
+        acfg, size = aug.AugmentConfig.from_dict(config.augment.to_dict()), "configured"
+    else:
+        acfg = aug.AugmentConfig.tiny() if quick else aug.AugmentConfig.cpu_default()
+        size = "tiny" if quick else "CPU default"
+    say(f"[4/6] bias-guided diffusion: {size} {acfg.denoiser} denoiser on {len(splits.train)} images")
     augmenter = aug.fit_augmenter(
         splits.train,
         num_classes=splits.num_classes,
@@ -226,7 +237,7 @@ def run_main_job(
         )
         stages["naive_combination"] = time.perf_counter() - t
     fmd_sync = None
-    if bool(sc.get("fmd_pass", True)):
+    if bool(sc.get("fmd_pass", True)) and has_cf:
         say("  FMD pass on the loop's result: every shard's last layer, external mode")
         f = config.fmd
         fmd_sync = fmd_pass(
@@ -243,11 +254,13 @@ def run_main_job(
     )
     from privdebias_jax.pipeline import load_model
 
-    _, fmd_state, _ = load_model(out / "fmd" / "model")
-    fmd_measure = measure(
-        (trained.model, fmd_state.params, fmd_state.model_state), splits, splits.train,
-        splits.train, None, key=jax.random.fold_in(root, 12), attack_size=int(sc.attack_size),
-    )
+    fmd_state = fmd_measure = None
+    if fmd is not None:
+        _, fmd_state, _ = load_model(out / "fmd" / "model")
+        fmd_measure = measure(
+            (trained.model, fmd_state.params, fmd_state.model_state), splits, splits.train,
+            splits.train, None, key=jax.random.fold_in(root, 12), attack_size=int(sc.attack_size),
+        )
     stages["attacks_single_models"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -260,6 +273,8 @@ def run_main_job(
     eval_split = splits.test_unbiased if splits.test_unbiased is not None else splits.test
     which = "unbiased test" if splits.test_unbiased is not None else "test"
     for name, st in (("vanilla", trained.state), ("fmd", fmd_state)):
+        if st is None:
+            continue
         ev = evaluate(trained.model, st.params, st.model_state, eval_split, splits.num_classes, splits.num_attributes)
         cell = np.asarray(fairness.cell_accuracy_from_counts(ev["counts"]))
         figures[f"cell_accuracy_{name}"] = rep.plot_cell_accuracy(
@@ -269,7 +284,7 @@ def run_main_job(
     figures["rounds"] = plot_rounds(state, out / "rounds.png", naive).name
     columns_measured = {
         "vanilla": single,
-        "FMD": fmd_measure,
+        **({"FMD": fmd_measure} if fmd_measure is not None else {}),
         "SISA": state.history[0],
         **({"naive": naive["metrics"]} if naive else {}),
         "sync": state.history[-1],
@@ -284,7 +299,7 @@ def run_main_job(
         "dataset": splits.name,
         "data": data_bias,
         "vanilla": {k: v for k, v in trained.results.items() if k not in ("config",)},
-        "fmd": {k: v for k, v in fmd.items() if k not in ("config", "before_full")},
+        "fmd": None if fmd is None else {k: v for k, v in fmd.items() if k not in ("config", "before_full")},
         "augment": {"config": dataclasses.asdict(acfg), "quality": quality},
         "sync": {
             "rounds": state.round,
@@ -462,6 +477,12 @@ def render_report(results: dict[str, Any]) -> str:
             f"test pool, excluded from every evaluation; mode `{f['fmd']['mode']}`, solver "
             f"`{f['fmd']['solver']}`, {f['fmd'].get('newton_iterations', 1)} Newton iteration(s), "
             f"{rep.fmt(f['debias_seconds'], 2)} s.",
+            "",
+        ]
+    elif "fmd" in results:
+        lines += [
+            f"FMD and the loop's FMD pass were skipped: dataset `{results['dataset']}` has no "
+            "counterfactual construction (no counterfactual bias either).",
             "",
         ]
     t = results.get("targets") or {}

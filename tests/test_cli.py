@@ -159,7 +159,7 @@ CONFIG_FILES = [p for p in sorted((ROOT / "experiments").glob("*.py")) if "def g
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_experiment_configs_load(path):
     config = load_config_file(path)
-    assert config.dataset in ("colored-mnist", "biased-mnist", "adult", "celeba")
+    assert config.dataset in ("colored-mnist", "biased-mnist", "adult", "celeba", "cifar10")
 
 
 def test_rho_sweep_smoke(tmp_path):

@@ -238,20 +238,30 @@ def load_cifar10(
     *,
     image_size: int = 32,
     download: bool = False,
+    max_test: int | None = None,
+    rho: float = 0.99,
+    tint_strength: float = 0.5,
+    key: Any = 0,
 ) -> DataSplits:
     """CIFAR-10 from ``tfds.data_source("cifar10")`` as :class:`DataSplits`.
 
-    CIFAR-10 has no protected attribute: ``a = 0`` for every sample and
-    ``num_attributes = 1`` (``attribute`` must be ``"none"``); there is no counterfactual and
-    no unbiased test set.
+    CIFAR-10 has no protected attribute. With ``attribute="none"`` (default) ``a = 0`` for every
+    sample and ``num_attributes = 1``; there is no counterfactual and no unbiased test set.
+    With ``attribute="tint"`` the images get the synthetic colour-tint attribute of
+    :func:`privdebias_jax.data.tint.tinted_splits` (ten colours, ``P(a = y) = rho`` in training
+    and the biased test set, half of the test images form an unbiased test set with ρ = 0.1,
+    exact counterfactuals by re-tinting); the name becomes ``"cifar10-tint"``.
 
     Args:
       split_train, split_test: TFDS split names (e.g. ``"train[:10%]"`` outside mock data).
       data_dir: TFDS data directory holding the prepared ``cifar10`` (array_record format).
       max_examples: read at most this many records of each split (all when ``None``).
-      attribute: must be ``"none"``.
+      attribute: ``"none"`` or ``"tint"``.
       image_size: output side length; images are resized when it differs from 32.
       download: let TFDS download and prepare the data when missing (needs network).
+      max_test: cap of the test split when it should differ from ``max_examples``.
+      rho, tint_strength, key: the tint attribute's ``P(a = y)``, strength and key (or integer
+        seed); used only with ``attribute="tint"``.
 
     Returns:
       ``DataSplits(name="cifar10")``: ``x`` ``(N, image_size, image_size, 3)`` float32 in
@@ -263,11 +273,13 @@ def load_cifar10(
       PrivDebiasError: for an attribute other than ``"none"``, bad sizes, or a dataset not
         prepared under ``data_dir``.
     """
-    if attribute != "none":
+    if attribute not in ("none", "tint"):
         raise PrivDebiasError(
-            f"load_cifar10: CIFAR-10 has no protected attribute; attribute must be 'none', got {attribute!r}"
+            "load_cifar10: CIFAR-10 has no protected attribute; attribute must be 'none' or the "
+            f"synthetic 'tint', got {attribute!r}"
         )
     _check_max(max_examples, "max_examples")
+    _check_max(max_test, "max_test")
     _check_image_size(image_size)
 
     def fields(record: dict[str, Any]) -> tuple[int, int]:
@@ -277,9 +289,10 @@ def load_cifar10(
         "cifar10", split_train, data_dir, max_examples, image_size, fields, download
     )
     x_te, y_te, a_te, id_te = _read_split(
-        "cifar10", split_test, data_dir, max_examples, image_size, fields, download
+        "cifar10", split_test, data_dir, max_examples if max_test is None else max_test, image_size,
+        fields, download,
     )
-    return _splits(
+    splits = _splits(
         "cifar10",
         (x_tr, y_tr, a_tr),
         (x_te, y_te, a_te),
@@ -294,6 +307,11 @@ def load_cifar10(
             "tfds_ids": {"train": id_tr, "test": id_te},
         },
     )
+    if attribute == "tint":
+        from privdebias_jax.data.tint import tinted_splits
+
+        splits = tinted_splits(splits, rho, key, strength=tint_strength)
+    return splits
 
 
 def _check_celeba_name(value: str, role: str) -> None:
