@@ -462,7 +462,7 @@ def render_report(results: dict[str, Any]) -> str:
         f"after {syn['rounds']} round(s))"
         + (", **sync+FMD** (the loop's result with every shard's last layer debiased by FMD's external mode)"
            if results.get("fmd_pass") else "")
-        + ". Membership attacks: {sc['attack_size']} members vs as many "
+        + f". Membership attacks: {sc['attack_size']} members vs as many "
         "non-members from the biased test set; balanced accuracy with the threshold chosen on a "
         "calibration half (0.5 = chance).",
         "",
