@@ -22,9 +22,7 @@ What is measured (every figure lands in the JSON):
   (forward-over-reverse), reverse-over-forward (``grad`` of a ``jvp``) for comparison, the
   library's Gauss-Newton product :func:`~privdebias_jax.influence.gnvp`, and the library's
   :class:`~privdebias_jax.influence.CurvatureProblem` ``matvec`` (Hessian and Gauss-Newton), the
-  entry point the solvers use, and :func:`~privdebias_jax.influence.linearized_hvp`: the gradient
-  linearised once and ``K`` chained products in one program; ``(t_K − t_1)/(K − 1)`` is the cost
-  of one more product, what the compiled CG solver pays per iteration.
+  entry point the solvers use.
 * Timing: every function of a configuration is called ``calls`` times per repeat (``calls``
   chosen so a gradient repeat takes ≥ ``target_repeat_s``), ``jax.block_until_ready`` at the
   end; repeats of all the functions are interleaved (so load on the shared machine hits them
@@ -53,22 +51,12 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, machine_info, median, time_interleaved, write_result  # noqa: E402
 from privdebias_jax.data import Batch, biased_mnist, colored_mnist  # noqa: E402
-from privdebias_jax.influence import (  # noqa: E402
-    LAST_LAYER,
-    gnvp,
-    hvp,
-    linearized_hvp,
-    make_problem,
-    merge_params,
-    split_params,
-)
+from privdebias_jax.influence import LAST_LAYER, gnvp, hvp, make_problem, merge_params, split_params  # noqa: E402
 from privdebias_jax.models import MODEL_DEFAULTS, count_params, create_model  # noqa: E402
 from privdebias_jax.train import apply_model, cross_entropy_loss, make_loss_fn  # noqa: E402
 
 RHO = 0.99
 TARGET_HVP_OVER_GRAD = 2.0
-#: chained products per call of the linearised-HVP timing (marginal cost = (t_K − t_1)/(K − 1))
-LINEARIZED_PRODUCTS = 5
 SUBSETS = {"all": None, "head": LAST_LAYER}
 #: (model, dataset, image size): the FMD MLP on Colored-MNIST, the small CNN on Biased-MNIST.
 CONFIGS = [
@@ -153,41 +141,13 @@ def make_functions(model) -> dict:
     def rev_over_fwd(selected, frozen, batch, v):
         return jax.grad(lambda p: jax.jvp(lambda q: f(q, frozen, batch), (p,), (v,))[1])(selected)
 
-    def linearized_products(count: int):
-        """Linearise the gradient once, then ``count`` chained products (normalised): what an
-        iterative solver compiled as one program (the library's CG) pays."""
-
-        def run(selected, frozen, batch, v):
-            product = linearized_hvp(f, selected, frozen, batch)
-
-            def body(_, w):
-                hw = product(w)
-                norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(hw)))
-                return jax.tree_util.tree_map(lambda x: x / jnp.maximum(norm, 1e-30), hw)
-
-            return jax.lax.fori_loop(0, count, body, v)
-
-        return run
-
     return {
-        f"hvp_linearized_x{LINEARIZED_PRODUCTS}": (linearized_products(LINEARIZED_PRODUCTS), True),
-        "hvp_linearized_x1": (linearized_products(1), True),
         "forward": (f, False),
         "grad": (jax.grad(f), False),
         "hvp": (lambda s, fr, b, v: hvp(f, s, v, fr, b), True),
         "hvp_rev_over_fwd": (rev_over_fwd, True),
         "gnvp": (lambda s, fr, b, v: gnvp(output_fn, output_loss, s, v, fr, b), True),
     }
-
-
-def linearized_products_once(model):
-    """One linearised product, unnormalised (checked against :func:`hvp`)."""
-    loss_fn = make_loss_fn(model)
-
-    def f(selected, frozen, batch):
-        return loss_fn(merge_params(selected, frozen), batch)
-
-    return lambda s, fr, b, v: linearized_hvp(f, s, fr, b)(v)
 
 
 def compile_aot(fn, args) -> tuple[object, float]:
@@ -301,17 +261,8 @@ def bench_subset(model, params, batch, subset: str, settings: dict) -> dict:
             problems["library_matvec_gauss_newton"].matvec(v),
             compiled["gnvp"](selected, frozen, batch, v),
         )
-    lin_k, lin_1 = f"hvp_linearized_x{LINEARIZED_PRODUCTS}", "hvp_linearized_x1"
-    lin_marginal = None
-    if lin_k in ms and lin_1 in ms:
-        # marginal cost of one more product once linearised (the primal passes are paid once)
-        lin_marginal = (ms[lin_k] - ms[lin_1]) / (LINEARIZED_PRODUCTS - 1)
-        ms["hvp_linearized_per_product"] = lin_marginal
-        one = jax.jit(linearized_products_once(model))(selected, frozen, batch, v)
-        checks["linearized_vs_hvp_rel_diff"] = rel_diff(one, hv)
     return {
         "subset": subset,
-        "linearized_per_product_over_grad": None if lin_marginal is None else lin_marginal / grad_ms,
         "select": select,
         "num_params": count_params(selected),
         "num_frozen_params": count_params(frozen) if frozen else 0,
@@ -349,7 +300,7 @@ def print_table(result: dict) -> None:
     )
     head = (
         f"{'config':<16}{'subset':<7}{'params':>9}{'fwd ms':>9}{'grad ms':>9}{'hvp ms':>9}{'gnvp ms':>9}"
-        f"{'hvp/g':>7}{'gn/g':>7}{'rof/g':>7}{'lib/g':>7}{'lin/g':>7}{'fwd/g':>7}{'≤2×':>5}"
+        f"{'hvp/g':>7}{'gn/g':>7}{'rof/g':>7}{'lib/g':>7}{'fwd/g':>7}{'≤2×':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -362,12 +313,10 @@ def print_table(result: dict) -> None:
             print(
                 f"{name:<16}{subset:<7}{e['num_params']:>9,}{e['ms']['forward']:>9.2f}{e['ms']['grad']:>9.2f}"
                 f"{e['ms']['hvp']:>9.2f}{e['ms']['gnvp']:>9.2f}{o['hvp']:>7.2f}{o['gnvp']:>7.2f}"
-                f"{o['hvp_rev_over_fwd']:>7.2f}{o['library_matvec_hessian']:>7.2f}"
-                f"{e['over_grad'].get('hvp_linearized_per_product', float('nan')):>7.2f}{o['forward']:>7.2f}"
+                f"{o['hvp_rev_over_fwd']:>7.2f}{o['library_matvec_hessian']:>7.2f}{o['forward']:>7.2f}"
                 f"{'yes' if e['meets_target'] else 'NO':>5}"
             )
-    print("(rof = reverse-over-forward HVP; lib = CurvatureProblem.matvec, Hessian; lin = one more product "
-          "once the gradient is linearised, as inside the compiled CG solver)")
+    print("(rof = reverse-over-forward HVP; lib = CurvatureProblem.matvec, Hessian)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,18 +36,6 @@ def hvp(f: Callable[..., jax.Array], params: Tree, v: Tree, *args: Any) -> Tree:
     return jax.jvp(grad_f, (params,), (v,))[1]
 
 
-def linearized_hvp(f: Callable[..., jax.Array], params: Tree, *args: Any) -> Callable[[Tree], Tree]:
-    """``v ↦ ∇²f(params, *args) · v`` for many ``v`` at fixed ``params``: ``jax.linearize`` of the
-    gradient, so the forward and backward passes at ``params`` run once and each product costs
-    only the tangent pass (the residuals of the primal passes are kept in memory).
-
-    Used inside a compiled solver loop (the conjugate-gradient program), where the primal
-    computation is hoisted out of the loop; the products equal :func:`hvp`'s.
-    """
-    grad_f = lambda p: jax.grad(f)(p, *args)  # noqa: E731
-    return jax.linearize(grad_f, params)[1]
-
-
 def gnvp(
     output_fn: Callable[..., jax.Array],
     output_loss: Callable[..., jax.Array],

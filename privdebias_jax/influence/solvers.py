@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from privdebias_jax.influence.hvp import dense_hessian, linearized_hvp, matrix_from_products
+from privdebias_jax.influence.hvp import dense_hessian, matrix_from_products
 from privdebias_jax.influence.params import merge_params
 from privdebias_jax.influence.problem import (
     CurvatureProblem,
@@ -257,18 +257,10 @@ def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_s
     ``pᵀ H_λ p ≤ 0`` or a non-finite curvature.
     """
     unravel = ravel_pytree(selected)[1]
-    if curvature_fn is None:  # the Hessian: linearise once, each product is a tangent pass only
-        product = linearized_hvp(
-            lambda s, fr, bt, ms: _restricted_loss(loss_fn, s, fr, bt, ms), selected, frozen, batch, model_state
-        )
 
-        def mv(x):
-            return ravel_pytree(product(unravel(x)))[0] + damping * x
-    else:
-
-        def mv(x):
-            hv = _damped_hvp(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, unravel(x))
-            return ravel_pytree(hv)[0]
+    def mv(x):
+        hv = _damped_hvp(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, unravel(x))
+        return ravel_pytree(hv)[0]
 
     bnorm = jnp.linalg.norm(b)
 
