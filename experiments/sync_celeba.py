@@ -60,7 +60,6 @@ estimate with ``--train-size 5000`` first.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -71,7 +70,7 @@ from privdebias_jax.config import get_fmd_config
 from privdebias_jax.sync import get_sync_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sync_cifar10 import configure, parse, quick  # noqa: E402  (shared CLI and smoke sizes)
+from sync_cifar10 import quick, run_experiment  # noqa: E402  (shared CLI and smoke sizes)
 
 sys.path.pop(0)
 
@@ -103,15 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def main(argv=None) -> dict:
-    from privdebias_jax.run import run_main_job
-
-    args = parse(argv, __doc__.splitlines()[0], "results/sync_celeba")
-    config = configure(get_config(), args)
-    results = run_main_job(config, Path(args.out), quick=args.quick, progress=not args.no_progress,
-                           resume=args.resume)
-    print(json.dumps({"out": str(args.out), "dataset": results["dataset"], "targets": results["targets"]},
-                     default=str))
-    return results
+    return run_experiment(get_config(), argv, __doc__.splitlines()[0], "results/sync_celeba")
 
 
 __all__ = ["get_config", "main", "quick"]

@@ -136,16 +136,21 @@ def configure(config: ml_collections.ConfigDict, args: argparse.Namespace) -> ml
     return c
 
 
-def main(argv=None) -> dict:
+def run_experiment(config: ml_collections.ConfigDict, argv, description: str, default_out: str) -> dict:
+    """Parse the shared command line, apply it to ``config`` and run the main job (both TFDS loops)."""
     from privdebias_jax.run import run_main_job
 
-    args = parse(argv, __doc__.splitlines()[0], "results/sync_cifar10")
-    config = configure(get_config(), args)
+    args = parse(argv, description, default_out)
+    config = configure(config, args)
     results = run_main_job(config, Path(args.out), quick=args.quick, progress=not args.no_progress,
                            resume=args.resume)
     print(json.dumps({"out": str(args.out), "dataset": results["dataset"], "targets": results["targets"]},
                      default=str))
     return results
+
+
+def main(argv=None) -> dict:
+    return run_experiment(get_config(), argv, __doc__.splitlines()[0], "results/sync_cifar10")
 
 
 if __name__ == "__main__":

@@ -342,13 +342,15 @@ def _matched_pool(ctx: SyncContext, directory: Path) -> Dataset | None:
 
 
 def _measure(
-    ctx: SyncContext, sisa: SISAModel, data: Dataset, key: PRNGKey, directory: Path | None = None
+    ctx: SyncContext, sisa: SISAModel, data: Dataset, key: PRNGKey, directory: Path | None = None,
+    target: tuple[Any, Any, Any] | None = None,
 ) -> dict[str, Any]:
+    """:func:`measure` of ``target`` (default: ``sisa``'s ensemble) against ``sisa``'s data state."""
     originals = ctx.splits.train
     alive = _alive(sisa, data)
     in_orig = remove_ids(originals, sisa.forgotten) if sisa.forgotten.size else originals
     return measure(
-        sisa.ensemble(ctx.aggregate),
+        sisa.ensemble(ctx.aggregate) if target is None else target,
         ctx.splits,
         alive,
         in_orig,
@@ -613,18 +615,8 @@ def fmd_pass(
                                                      "acc_external_before", "acc_external_after", "step",
                                                      "num_params_updated")})
     seconds = time.perf_counter() - t0
-    originals = ctx.splits.train
     target = ensemble_from_states(sisa.model, states, ctx.aggregate)
-    metrics = measure(
-        target,
-        ctx.splits,
-        _alive(sisa, data),
-        remove_ids(originals, sisa.forgotten) if sisa.forgotten.size else originals,
-        _forgotten_originals(sisa, originals),
-        key=jax.random.fold_in(key, 10**6),
-        attack_size=int(ctx.sync.attack_size),
-        forgotten_nonmembers=_matched_pool(ctx, directory),
-    )
+    metrics = _measure(ctx, sisa, data, jax.random.fold_in(key, 10**6), directory, target=target)
     return {"metrics": metrics, "seconds": seconds, "shards": shards, "model": target,
             "num_params_updated": int(sum(int(r["num_params_updated"] or 0) for r in shards))}
 

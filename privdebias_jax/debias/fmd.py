@@ -425,13 +425,15 @@ def _proximal_newton(loss_fn, selected0, frozen, batch, model_state, mu, *, iter
         return {"value": h["value"].at[i].set(v), "grad_norm": h["grad_norm"].at[i].set(gn),
                 "step": h["step"].at[i].set(t)}
 
+    def norm(g):
+        return jnp.sqrt(vdot(g, g))
+
     def cond(carry):
-        i, _, _, gn, _ = carry
-        return (i < iterations) & (gn >= 1e-5)
+        i, _, _, g, _ = carry
+        return (i < iterations) & (norm(g) >= 1e-5)
 
     def body(carry):
-        i, s, value, _, h = carry
-        g = grad(s)
+        i, s, value, g, h = carry
         d, _ = jax.scipy.sparse.linalg.cg(lambda v: jax.jvp(grad, (s,), (v,))[1], g, maxiter=cg_iterations)
         slope = vdot(g, d)
 
@@ -444,13 +446,11 @@ def _proximal_newton(loss_fn, selected0, frozen, batch, model_state, mu, *, iter
 
         t = jax.lax.while_loop(too_long, shorten, jnp.float32(1.0))
         s = tmap(lambda p, q: p - t * q, s, d)
-        value = f(s)
-        gn = jnp.sqrt(vdot(grad(s), grad(s)))
-        return i + 1, s, value, gn, record(h, i + 1, value, gn, t)
+        value, g = f(s), grad(s)
+        return i + 1, s, value, g, record(h, i + 1, value, norm(g), t)
 
-    v0 = f(selected0)
-    g0 = jnp.sqrt(vdot(grad(selected0), grad(selected0)))
-    i, s, _, _, h = jax.lax.while_loop(cond, body, (0, selected0, v0, g0, record(hist0, 0, v0, g0, 0.0)))
+    v0, g0 = f(selected0), grad(selected0)
+    i, s, _, _, h = jax.lax.while_loop(cond, body, (0, selected0, v0, g0, record(hist0, 0, v0, norm(g0), 0.0)))
     return s, {**h, "steps_done": i}
 
 
