@@ -293,7 +293,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     config.sync = get_sync_options(args.quick)
-    for field in ("rounds", "shards", "slices", "forget_rate", "forget_strategy", "capacity", "delta"):
+    for field in (
+        "rounds", "shards", "slices", "forget_rate", "forget_strategy", "capacity", "delta", "added_epochs",
+    ):
         value = getattr(args, field)
         if value is not None:
             config.sync[field] = value
@@ -476,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget-strategy", choices=("exposed", "random"), help="which originals to forget")
     p.add_argument("--capacity", type=int, help="deletions per step (default: a round's share in one step)")
     p.add_argument("--delta", type=float, help="target KL/MI bias of the data, nats")
+    p.add_argument(
+        "--added-epochs", type=_non_negative_int,
+        help="epochs of each SISA stage that synthetic samples append (default 4; 0 = the last stage's)",
+    )
     p.add_argument("--no-naive", action="store_true", help="skip the naive-combination baseline")
     p.add_argument(
         "--no-fmd-pass", action="store_true", help="skip the FMD pass on the loop's result (sync+FMD column)"

@@ -67,7 +67,8 @@ def check_sync_options(sync: ml_collections.ConfigDict) -> None:
 
     Raises:
       PrivDebiasError: ``rounds < 1``, ``shards < 1``, ``slices < 1``, a forget rate outside
-        (0, 1), an unknown forget strategy, a negative capacity, δ or margin, ``attack_size < 4``.
+        (0, 1), an unknown forget strategy, a negative capacity, δ or margin, ``attack_size < 4``,
+        ``added_epochs`` that is not a non-negative integer.
     """
     if int(sync.rounds) < 1:
         raise PrivDebiasError(f"rounds must be at least 1, got {sync.rounds}")
@@ -88,6 +89,9 @@ def check_sync_options(sync: ml_collections.ConfigDict) -> None:
             raise PrivDebiasError(f"{name} must be a non-negative number, got {sync[name]}")
     if int(sync.attack_size) < 4:
         raise PrivDebiasError(f"attack_size must be at least 4, got {sync.attack_size}")
+    added = sync.get("added_epochs", 0)
+    if int(added) != added or int(added) < 0:
+        raise PrivDebiasError(f"added_epochs must be a non-negative integer, got {added}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,6 +396,13 @@ def forget_budget(num_originals: int, forget_rate: float, rounds: int) -> list[i
     return [base + (1 if r < extra else 0) for r in range(int(rounds))]
 
 
+def _added_epochs(ctx: SyncContext) -> int | None:
+    """Epochs of each stage that :meth:`SISAModel.add` appends (``sync.added_epochs``; 0 → the
+    last stage's, SISA's default)."""
+    e = int(ctx.sync.get("added_epochs", 0))
+    return e or None
+
+
 def sync_round(
     ctx: SyncContext, directory: Path, state: SyncState, key: PRNGKey, *, progress: bool = False
 ) -> SyncState:
@@ -424,23 +435,28 @@ def sync_round(
             synthetic = Dataset(np.asarray(data.x)[:0], np.asarray(data.y)[:0], np.asarray(data.a)[:0], np.asarray(data.idx)[:0])
         save_dataset(syn_path, synthetic)
     _add_seconds(state, "augment", time.perf_counter() - t)
-    # 2. add them to the shards (only receiving shards retrain, only the new stages)
-    t = time.perf_counter()
-    if len(synthetic) and not np.all(np.isin(np.asarray(synthetic.idx), sisa.plan.ids)):
-        sisa.add(synthetic, key=jax.random.fold_in(rkey, 2), progress=progress)
-    if len(synthetic):
-        data = concat(data, synthetic)
-    _add_seconds(state, "add_to_shards", time.perf_counter() - t)
-    # 3. forget originals step-wise
+    # 2. choose the originals to forget on the model the round starts from (the one measured at
+    # the end of the last round), then 3. add the synthetic samples and forget the first step of
+    # originals in one retraining (each shard retrains once, from the earliest stage either
+    # touches; bitwise equal to adding then forgetting), then the remaining steps
     t = time.perf_counter()
     budget = forget_budget(len(splits.train), float(ctx.sync.forget_rate), int(ctx.sync.rounds))
     count = budget[r - 1] if r - 1 < len(budget) else 0
     candidates = remove_ids(splits.train, sisa.forgotten) if sisa.forgotten.size else splits.train
     ids = _choose(ctx, sisa, candidates, count, jax.random.fold_in(rkey, 3), directory / f"forget_{r}.json")
+    capacity = int(ctx.sync.capacity) or max(int(ids.size), 1)
+    _add_seconds(state, "choose_forget", time.perf_counter() - t)
+    t = time.perf_counter()
+    if len(synthetic) and not np.all(np.isin(np.asarray(synthetic.idx), sisa.plan.ids)):
+        sisa.add(
+            synthetic, key=jax.random.fold_in(rkey, 2), epochs=_added_epochs(ctx), forget=ids[:capacity],
+            progress=progress,
+        )
+    if len(synthetic):
+        data = concat(data, synthetic)
     if ids.size:
-        capacity = int(ctx.sync.capacity) or int(ids.size)
-        sisa.forget_stepwise(ids, capacity)
-    _add_seconds(state, "forget", time.perf_counter() - t)
+        sisa.forget_stepwise(ids, capacity)  # ids forgotten above are skipped
+    _add_seconds(state, "add_and_forget", time.perf_counter() - t)
     # 4. measure
     t = time.perf_counter()
     m = _measure(ctx, sisa, data, jax.random.fold_in(rkey, 4), directory)
@@ -550,14 +566,14 @@ def naive_combination(
     data = concat(splits.train, synthetic) if len(synthetic) else splits.train
     sisa = ctx.open_sisa(directory / "sisa", data)
     t = time.perf_counter()
-    if len(synthetic) and not np.all(np.isin(np.asarray(synthetic.idx), sisa.plan.ids)):
-        sisa.add(synthetic, key=jax.random.fold_in(key, 2))
-    seconds["add_to_shards"] = time.perf_counter() - t
-    t = time.perf_counter()
     count = int(round(float(ctx.sync.forget_rate) * len(splits.train)))
     ids = _choose(ctx, sisa, splits.train, count, jax.random.fold_in(key, 3), directory / "forget.json")
-    sisa.forget(ids)
-    seconds["forget"] = time.perf_counter() - t
+    seconds["choose_forget"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if len(synthetic) and not np.all(np.isin(np.asarray(synthetic.idx), sisa.plan.ids)):
+        sisa.add(synthetic, key=jax.random.fold_in(key, 2), epochs=_added_epochs(ctx), forget=ids)
+    sisa.forget(ids)  # no-op when the add above forgot them; completes an interrupted run
+    seconds["add_and_forget"] = time.perf_counter() - t
     t = time.perf_counter()
     m = _measure(ctx, sisa, data, jax.random.fold_in(key, 4), directory)
     seconds["measure"] = time.perf_counter() - t
@@ -642,7 +658,10 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     balanced accuracy ≤ 0.5 + margin), ``max_new_per_round`` (cap on synthetic samples per round;
     0 = none), ``attack_size`` (members and non-members per attack), ``aggregate``
     (``mean_softmax`` / ``vote``), ``naive`` (also run the augment-once-then-unlearn baseline),
-    ``fmd_pass`` (debias the loop's result with FMD's external mode, :func:`fmd_pass`).
+    ``fmd_pass`` (debias the loop's result with FMD's external mode, :func:`fmd_pass`),
+    ``added_epochs`` (epochs of each stage that adding synthetic samples appends to a shard;
+    0 = the last stage's, SISA's default: every added stage trains over the shard's cumulative
+    data, so after a few rounds it is most of the retraining cost).
     """
     c = ml_collections.ConfigDict()
     c.rounds = 3
@@ -659,6 +678,7 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     c.aggregate = "mean_softmax"
     c.naive = True
     c.fmd_pass = True
+    c.added_epochs = 4
     if quick:
         c.rounds = 1
         c.shards = 2

@@ -138,3 +138,38 @@ def test_add_rejects_bad_input(tmp_path):
     with pytest.raises(PrivDebiasError, match="already in the plan"):
         sisa.add(make_dataset(np.zeros((1, 6)), [0], [0], idx=[int(PLAN.ids[5])]))
     assert sisa.fingerprint == fp and sisa.plan is not None and sisa.plan.num_slices == PLAN.num_slices
+
+
+def test_add_with_forget_is_one_retraining_equal_to_add_then_forget(tmp_path):
+    """``add(new, forget=ids)`` retrains each shard once; the shards equal, bitwise, ``add`` then
+    ``forget`` in another directory, and the merged call trains fewer sample-epochs."""
+    old = int(PLAN.slots[1, 0, 0])  # first slice of shard 1: that shard retrains everything
+    new = int(np.asarray(NEW.idx)[3])
+    seq, _ = _train(tmp_path / "seq", DATA, PLAN)
+    cost_add = seq.add(NEW, key=1)
+    cost_forget = seq.forget([old, new]).cost
+    merged, _ = _train(tmp_path / "merged", DATA, PLAN)
+    cost = merged.add(NEW, key=1, forget=[old, new])
+    assert merged.plan.fingerprint() == seq.plan.fingerprint()
+    assert sorted(merged.forgotten.tolist()) == sorted([old, new])
+    assert merged.ledger.pending.size == 0
+    for s in range(PLAN.num_shards):
+        _assert_equal(merged.shard_state(s), seq.shard_state(s), f"shard {s}: merged vs add+forget")
+    # the shards holding a forgotten id train their new stage once instead of twice; the others
+    # train only their new stage, as in ``add``
+    assert cost_forget.sample_epochs <= cost.sample_epochs < cost_add.sample_epochs + cost_forget.sample_epochs
+    # reopening sees the same state; the forgotten ids stay forgotten
+    reopened = SISAModel.open(tmp_path / "merged", MODEL, TX, concat(DATA, NEW))
+    assert sorted(reopened.forgotten.tolist()) == sorted([old, new])
+
+
+def test_add_with_bad_forget_ids_changes_nothing(tmp_path):
+    sisa, _ = _train(tmp_path / "inc", DATA, PLAN)
+    fp, meta = sisa.fingerprint, (tmp_path / "inc" / "meta.json").read_text()
+    with pytest.raises(PrivDebiasError, match="unknown|not in the plan"):
+        sisa.add(NEW, key=1, forget=[10**8])
+    whole_shard = PLAN.slots[2][PLAN.slots[2] != PADDING_ID]
+    with pytest.raises(PrivDebiasError, match="no samples"):
+        sisa.add(NEW, key=1, shards=[0], forget=whole_shard)
+    assert sisa.fingerprint == fp and (tmp_path / "inc" / "meta.json").read_text() == meta
+    assert sisa.forgotten.size == 0 and sisa.plan.num_slices == PLAN.num_slices

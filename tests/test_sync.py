@@ -94,6 +94,7 @@ def test_forget_budget_and_options():
         ("forget_strategy", "oldest", "forget strategy"),
         ("delta", -1.0, "delta"),
         ("attack_size", 2, "attack_size"),
+        ("added_epochs", -1, "added_epochs"),
     ]:
         s = ml_collections.ConfigDict(CONFIG.sync.to_dict())
         s[field] = value
@@ -167,7 +168,9 @@ def test_loop_adds_forgets_and_resumes_to_the_same_state(tmp_path, whole, monkey
 
     def crash(self, ids):
         calls["n"] += 1
-        if calls["n"] == 3:  # round 1 takes 2 steps of ≤ 7 ids; crash in round 2's first step
+        # each round takes 2 steps of ≤ 7 ids; the first is forgotten inside the add (one
+        # retraining), the second by ``forget``: call 2 is round 2's second step
+        if calls["n"] == 2:
             raise KeyboardInterrupt("injected")
         return original(self, ids)
 
