@@ -92,6 +92,13 @@ QUICK = {
     "epoch_repeats": 1,
     "train_size": 320,
 }
+# Test-suite smoke run (``--smoke``): QUICK at 8×8, one configuration per model, fewer rows.
+SMOKE = {
+    **QUICK,
+    "configs": [("mlp", 8, 3), ("small_cnn", 8, 3), ("simple_conv", 8, 1)],
+    "epoch_model": ("mlp", 8),
+    "train_size": 128,
+}
 
 
 def config_name(model: str, image_size: int) -> str:
@@ -425,9 +432,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR / "train_step.json", help="JSON result path"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="--quick at 8×8, one size per model (the test suite's run)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     args = parser.parse_args(argv)
-    settings = dict(QUICK if args.quick else FULL)
+    args.quick = args.quick or args.smoke
+    settings = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
     t_start = time.perf_counter()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
@@ -467,6 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "settings": {
             "quick": args.quick,
+            "smoke": args.smoke,
             "batch_size": settings["batch_size"],
             "optimizer": f"make_optimizer('adam', learning_rate={LEARNING_RATE})",
             "repeats": settings["repeats"],
