@@ -156,6 +156,15 @@ QUICK = {
         "arnoldi": {"num_iters": 20, "top_k": 10, "key": 0},
     },
 }
+# Test-suite smoke run (``--smoke``): QUICK with smaller problems (170 and 246 parameters).
+SMOKE = {
+    **QUICK,
+    "problems": {
+        "head": {**QUICK["problems"]["head"], "hidden": (16,), "train_size": 100},
+        "gn_all": {**QUICK["problems"]["gn_all"], "image_size": 4, "train_size": 100},
+    },
+    "test_size": 50,
+}
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -670,9 +679,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="restrict the problems",
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="--quick with smaller problems (the test suite's run)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
-    settings = QUICK if args.quick else FULL
+    args.quick = args.quick or args.smoke
+    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
     t_start = time.perf_counter()
     load_before = os.getloadavg()
 
@@ -734,6 +747,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "settings": {
             "quick": args.quick,
+            "smoke": args.smoke,
             **{k: v for k, v in settings.items() if k != "problems"},
             "problems": {
                 k: {**v, "hidden": list(v["hidden"])}
