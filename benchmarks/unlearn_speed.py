@@ -329,12 +329,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="--quick with 160 samples and k = 1 only (the test suite's run)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "unlearn_speed.json")
     args = p.parse_args(argv)
+    args.quick = args.quick or args.smoke
     if args.quick:
         args.image_size, args.train_size, args.epochs = 8, 320, 3
         args.shards, args.slices, args.widths = 4, 2, [1, 4]
         args.num_forget, args.draws, args.slice_reps = [1, 5], 1, 1
+    if args.smoke:
+        args.train_size, args.num_forget = 160, [1]
     args.widths = [w for w in args.widths if 1 <= w <= args.shards] or [1]
 
     tmp = None
@@ -513,6 +521,7 @@ def run(args, workdir: Path) -> dict:
         "machine": machine_info(),
         "settings": {
             "quick": args.quick,
+            "smoke": args.smoke,
             "dataset": "colored-mnist",
             "image_size": args.image_size,
             "train_size": n,

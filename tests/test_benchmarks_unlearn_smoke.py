@@ -3,8 +3,7 @@
 Each script runs in a subprocess exactly as documented (from the repository root, with this
 interpreter), so their ``sys.path`` handling and, for ``shards_vmap --devices 2``, the
 re-run under ``XLA_FLAGS=--xla_force_host_platform_device_count`` are exercised too. The
-figures of a quick run are noise; only the JSON's shape and sanity are checked. ~35 s each on
-2 CPU cores.
+figures of a quick run are noise; only the JSON's shape and sanity are checked.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, out: Path, *extra: str) -> dict:
+def _run(script: str, out: Path, *extra: str, size: str = "--quick") -> dict:
     proc = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--quick", "--out", str(out), *extra],
+        [sys.executable, f"benchmarks/{script}", size, "--out", str(out), *extra],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -43,7 +42,8 @@ def _check_machine(result: dict) -> None:
 
 
 def test_shards_vmap_quick(tmp_path):
-    result = _run("shards_vmap.py", tmp_path / "sv.json", "--devices", "2")
+    # one shard count (S = 8, the target's), on one device and on 2 fake devices
+    result = _run("shards_vmap.py", tmp_path / "sv.json", "--devices", "2", "--shards", "8")
     _check_machine(result)
     assert result["benchmark"] == "shards_vmap"
     settings = result["settings"]
@@ -82,11 +82,13 @@ def test_shards_vmap_quick(tmp_path):
 
 
 def test_unlearn_speed_quick(tmp_path):
-    result = _run("unlearn_speed.py", tmp_path / "us.json")
+    # --smoke: --quick with 160 samples and k = 1 only
+    result = _run("unlearn_speed.py", tmp_path / "us.json", size="--smoke")
     _check_machine(result)
     assert result["benchmark"] == "unlearn_speed"
     settings = result["settings"]
-    assert settings["quick"] is True
+    assert settings["quick"] is True and settings["smoke"] is True
+    assert settings["num_forget"] == [1] and settings["train_size"] == 160
     assert result["published_sisa_speedups"]["purchase"] == 4.63
     assert result["published_sisa_speedups"]["svhn"] == 2.45
     assert result["ours"] == {"S": settings["shards"], "R": settings["slices"]}
