@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, help="target KL/MI bias of the data, nats")
     p.add_argument(
         "--added-epochs", type=_non_negative_int,
-        help="epochs of each SISA stage that synthetic samples append (default 4; 0 = the last stage's)",
+        help="epochs of each SISA stage that synthetic samples append (default 0 = the last stage's)",
     )
     p.add_argument("--no-naive", action="store_true", help="skip the naive-combination baseline")
     p.add_argument(

@@ -660,8 +660,10 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     (``mean_softmax`` / ``vote``), ``naive`` (also run the augment-once-then-unlearn baseline),
     ``fmd_pass`` (debias the loop's result with FMD's external mode, :func:`fmd_pass`),
     ``added_epochs`` (epochs of each stage that adding synthetic samples appends to a shard;
-    0 = the last stage's, SISA's default: every added stage trains over the shard's cumulative
-    data, so after a few rounds it is most of the retraining cost).
+    0 = the last stage's, SISA's default. Every added stage trains over the shard's cumulative
+    data, so after a few rounds it is most of the retraining cost; but fewer epochs leave the
+    bias learned in the first stages in place: 4 instead of 8 gave unbiased accuracy 0.30
+    instead of 0.64 on the main job).
     """
     c = ml_collections.ConfigDict()
     c.rounds = 3
@@ -678,7 +680,7 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     c.aggregate = "mean_softmax"
     c.naive = True
     c.fmd_pass = True
-    c.added_epochs = 4
+    c.added_epochs = 0
     if quick:
         c.rounds = 1
         c.shards = 2
