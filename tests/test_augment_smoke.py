@@ -147,16 +147,43 @@ def test_diffusers_unet_denoiser_trains_at_tiny_size():
     assert max(jax.tree_util.tree_leaves(changed)) > 0
 
 
-def test_cli_augment_quick(tmp_path, capsys):
+def test_cli_augment_passes_its_options_to_the_driver(tmp_path, capsys, monkeypatch):
+    """The CLI's own work: options → a validated AugmentConfig → the driver → results.json.
+
+    The driver itself (fit → plan → generate → quality → downstream) runs end to end in
+    ``test_experiment_and_benchmark_quick`` below, through the experiment script that shares it.
+    """
+    from privdebias_jax.augment import driver
     from privdebias_jax.cli import main
 
-    assert main(["augment", "--quick", "--dataset", "colored-mnist", "--out", str(tmp_path), "--no-progress"]) == 0
+    calls = []
+
+    def fake_driver(dataset, out, **kw):
+        calls.append((dataset, out, kw))
+        png = Path(out) / f"{dataset}_samples.png"
+        return {"dataset": dataset, "grid_png": str(png), "mi_reduction": 0.9}
+
+    monkeypatch.setattr(driver, "augment_and_evaluate", fake_driver)
+    monkeypatch.setattr(driver, "summary_line", lambda r: f"summary of {r['dataset']}")
+    argv = ["augment", "--quick", "--dataset", "colored-mnist", "--out", str(tmp_path), "--no-progress",
+            "--epochs", "3", "--kl-scale", "0.5", "--steps", "7", "--seed", "4"]
+    assert main(argv) == 0
+    (dataset, out, kw), = calls
+    assert dataset == "colored-mnist" and Path(out) == tmp_path
+    cfg = kw["config"]
+    tiny = AugmentConfig.tiny()
+    assert (cfg.epochs, cfg.kl_scale, cfg.sample_steps) == (3, 0.5, 7)
+    assert cfg.denoiser == tiny.denoiser and cfg.guidance_scale == tiny.guidance_scale  # not overridden
+    assert kw["quick"] is True and kw["seed"] == 4 and kw["progress"] is False
+    assert kw["checkpoint_dir"] == tmp_path / "checkpoints" and kw["image_size"] == cfg.image_size
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["dataset"] == "colored-mnist"
-    assert res["bias_after"]["mutual_information"] < res["bias_before"]["mutual_information"]
-    assert (tmp_path / "colored-mnist_samples.png").is_file()
+    assert res == {"dataset": "colored-mnist", "grid_png": str(tmp_path / "colored-mnist_samples.png"),
+                   "mi_reduction": 0.9}
+    assert "summary of colored-mnist" in capsys.readouterr().out
+    # out-of-range options are named before anything runs
     assert main(["augment", "--quick", "--kl-scale", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "kl_scale" in capsys.readouterr().err
+    assert len(calls) == 1 and not (tmp_path / "x").exists()
 
 
 def test_experiment_and_benchmark_quick(tmp_path):
@@ -168,6 +195,8 @@ def test_experiment_and_benchmark_quick(tmp_path):
     r = res["datasets"]["colored-mnist"]
     assert r["num_synthetic"] == int(np.sum(r["plan"]))
     assert r["mi_reduction"] >= 0.8 - 1e-6  # the planner's target, measured on the augmented set
+    assert r["bias_after"]["mutual_information"] < r["bias_before"]["mutual_information"]
+    assert Path(r["grid_png"]).stat().st_size > 1000
     assert set(r["targets"]) == {"every_cell_class_ge_90", "every_cell_attr_ge_90", "mi_reduced_ge_80pct",
                                  "unbiased_acc_gain"}
     bench = importlib.import_module("benchmarks.sampler")
