@@ -303,6 +303,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.sync.naive = False
     if args.no_fmd_pass:
         config.sync.fmd_pass = False
+    if args.no_lira:
+        config.sync.lira = False
     run_main_job(
         config, Path(args.out), quick=args.quick, progress=not args.no_progress, resume=args.resume
     )
@@ -485,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", action="store_true", help="skip the naive-combination baseline")
     p.add_argument(
         "--no-fmd-pass", action="store_true", help="skip the FMD pass on the loop's result (sync+FMD column)"
+    )
+    p.add_argument(
+        "--no-lira", action="store_true",
+        help="leave offline LiRA (the vanilla SISA shards as reference models) out of the membership attacks",
     )
     p.set_defaults(func=_cmd_run, dataset_required=False)
 

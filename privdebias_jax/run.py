@@ -248,9 +248,11 @@ def run_main_job(
         )
         stages["fmd_pass"] = fmd_sync["seconds"]
     t = time.perf_counter()
+    reference = None if ctx.references is None else ctx.references()
     single = measure(
         (trained.model, trained.state.params, trained.state.model_state), splits, splits.train,
         splits.train, None, key=jax.random.fold_in(root, 12), attack_size=int(sc.attack_size),
+        reference=reference,
     )
     from privdebias_jax.pipeline import load_model
 
@@ -260,6 +262,7 @@ def run_main_job(
         fmd_measure = measure(
             (trained.model, fmd_state.params, fmd_state.model_state), splits, splits.train,
             splits.train, None, key=jax.random.fold_in(root, 12), attack_size=int(sc.attack_size),
+            reference=reference,
         )
     stages["attacks_single_models"] = time.perf_counter() - t
 
@@ -355,6 +358,9 @@ def _flat(m: dict[str, Any]) -> dict[str, Any]:
         "m_moments": _mia(m, "m_moments"),
         "loss_auc": _mia(m, "loss", "auc"),
         "loss_tpr": _mia(m, "loss", "tpr@1%fpr"),
+        "lira_auc": _mia(m, "lira_offline", "auc"),
+        "lira_tpr": _mia(m, "lira_offline", "tpr@1%fpr"),
+        "lira_forgotten": _mia(m, "lira_offline", which="membership_forgotten"),
         "strongest": m.get("membership", {}).get("strongest_balanced_accuracy"),
         "strongest_forgotten": m.get("membership_forgotten", {}).get("strongest_balanced_accuracy"),
         "private": m.get("private_class_accuracy"),
@@ -378,6 +384,9 @@ _ROWS = (
     ("m_moments", "M-Moments balanced accuracy (members)"),
     ("loss_auc", "LOSS attack AUC (members)"),
     ("loss_tpr", "LOSS attack TPR at 1% FPR (members)"),
+    ("lira_auc", "LiRA offline AUC (members; the SISA shards as references)"),
+    ("lira_tpr", "LiRA offline TPR at 1% FPR (members)"),
+    ("lira_forgotten", "LiRA offline balanced accuracy (forgotten originals)"),
     ("strongest", "strongest attack, balanced accuracy (members)"),
     ("strongest_forgotten", "strongest attack, balanced accuracy (forgotten originals)"),
     ("private", "private class accuracy (linear probe on features)"),
@@ -464,7 +473,14 @@ def render_report(results: dict[str, Any]) -> str:
            if results.get("fmd_pass") else "")
         + f". Membership attacks: {sc['attack_size']} members vs as many "
         "non-members from the biased test set; balanced accuracy with the threshold chosen on a "
-        "calibration half (0.5 = chance).",
+        "calibration half (0.5 = chance)."
+        + (
+            f" LiRA (Carlini et al. 2022), offline with one global variance: the {sc['shards']} shards "
+            "of the SISA column (each trained on its own share of the originals) are the reference models, "
+            "each sample scored against the shards that did not train on it; these references are "
+            "weaker than the target, so LiRA here is a difficulty-calibrated loss attack."
+            if sc.get("lira", True) else ""
+        ),
         "",
         rep.markdown_table(rows, ["metric", *[name for name, _ in cols]]),
         "",

@@ -68,7 +68,7 @@ def check_sync_options(sync: ml_collections.ConfigDict) -> None:
     Raises:
       PrivDebiasError: ``rounds < 1``, ``shards < 1``, ``slices < 1``, a forget rate outside
         (0, 1), an unknown forget strategy, a negative capacity, δ or margin, ``attack_size < 4``,
-        ``added_epochs`` that is not a non-negative integer.
+        ``added_epochs`` that is not a non-negative integer, ``lira`` that is not a bool.
     """
     if int(sync.rounds) < 1:
         raise PrivDebiasError(f"rounds must be at least 1, got {sync.rounds}")
@@ -92,6 +92,8 @@ def check_sync_options(sync: ml_collections.ConfigDict) -> None:
     added = sync.get("added_epochs", 0)
     if int(added) != added or int(added) < 0:
         raise PrivDebiasError(f"added_epochs must be a non-negative integer, got {added}")
+    if not isinstance(sync.get("lira", True), (bool, np.bool_)):
+        raise PrivDebiasError(f"lira must be true or false, got {sync.get('lira')!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,6 +130,7 @@ def measure(
     attack_size: int,
     attacks: tuple[str, ...] = ROUND_ATTACKS,
     num_resamples: int = 100,
+    reference: Any | None = None,
 ) -> dict[str, Any]:
     """Every figure of one model (single or ensemble ``(module, params, model_state)``).
 
@@ -143,8 +146,15 @@ def measure(
       :func:`matched_nonmembers`); otherwise the attack would detect easiness, not membership;
     * ``private_class_accuracy``: the linear attribute probe on the bottleneck features over the
       unbiased test set (seed 001's attack; chance = 1 / #attributes), when there is one.
+    * with ``reference`` (:class:`~privdebias_jax.privacy.attacks.ReferenceModels`, e.g.
+      :func:`shard_references`), offline LiRA (Carlini et al. 2022) joins both attack sets:
+      ``Λ = log Φ((φ − μ_out) / σ_out)`` on the target's scaled logit ``φ``, from the reference
+      models that did not train on the sample.
     """
     from privdebias_jax.privacy.attacks import attack_suite, sample_members
+
+    if reference is not None and "lira_offline" not in attacks:
+        attacks = (*tuple(attacks), "lira_offline")
 
     module = target[0]
     t0 = time.perf_counter()
@@ -158,7 +168,7 @@ def measure(
         m, n = sample_members(members, pool, attack_size, jax.random.fold_in(key, sub))
         res = attack_suite(
             target, m, n, key=jax.random.fold_in(key, sub + 1), attacks=attacks,
-            num_resamples=num_resamples, slices=False,
+            num_resamples=num_resamples, slices=False, reference=reference,
         )
         rows = {}
         for name, rep in res["attacks"].items():
@@ -193,6 +203,34 @@ def measure(
         out["membership_forgotten"] = suite(forgotten, 20, pool)
     out["measure_seconds"] = time.perf_counter() - t0
     return out
+
+
+def shard_references(sisa: SISAModel, pool: Dataset) -> Any:
+    """The shards of a trained SISA model as LiRA reference models over ``pool``.
+
+    Few models (``S``), so LiRA uses one global variance (``global_variance=True``).
+    Shard ``r`` trained on the ids of its slots, so ``member[r, i] = 1`` exactly when
+    ``pool.idx[i]`` is one of them (pending or forgotten ids included: the shards were trained on
+    them unless retrained). Every sample outside a shard is an OUT sample for it, which is what
+    offline LiRA needs: with ``S`` shards a training sample has ``S − 1`` OUT models, a held-out
+    one ``S``. The shards trained on ``1/S`` of the data, so their OUT distribution is shifted from a
+    model trained on all of it; with one global variance that shift moves every score alike, and
+    the score ranks samples by ``φ − μ_out`` (a per-sample difficulty calibration, Carlini et al.
+    2022 §IV-C).
+
+    Raises:
+      PrivDebiasError: an untrained SISA model, or an empty pool.
+    """
+    from privdebias_jax.privacy.attacks import ReferenceModels
+
+    if len(pool) == 0:
+        raise PrivDebiasError("the reference pool is empty")
+    slots = np.asarray(sisa.plan.slots)
+    ids = np.asarray(pool.idx)
+    member = np.stack([np.isin(ids, slots[r][slots[r] >= 0]) for r in range(slots.shape[0])]).astype(np.int8)
+    return ReferenceModels(
+        model=sisa.model, states=sisa.stacked_state(), pool=pool, member=member, seconds=0.0, global_variance=True
+    )
 
 
 def exposure_scores(target: tuple[Any, Any, Any], ds: Dataset) -> np.ndarray:
@@ -301,6 +339,8 @@ class SyncContext:
     open_sisa: Callable[[Path, Dataset], SISAModel]
     sync: ml_collections.ConfigDict
     aggregate: str = "mean_softmax"
+    #: LiRA's reference models (``None``: no LiRA), built on first use: see :func:`make_context`.
+    references: Callable[[], Any] | None = None
 
 
 def _current(ctx: SyncContext, directory: Path, upto: int) -> tuple[SISAModel, Dataset]:
@@ -362,6 +402,7 @@ def _measure(
         key=key,
         attack_size=int(ctx.sync.attack_size),
         forgotten_nonmembers=None if directory is None else _matched_pool(ctx, directory),
+        reference=None if ctx.references is None else ctx.references(),
     )
 
 
@@ -663,7 +704,8 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     0 = the last stage's, SISA's default. Every added stage trains over the shard's cumulative
     data, so after a few rounds it is most of the retraining cost; but fewer epochs leave the
     bias learned in the first stages in place: 4 instead of 8 gave unbiased accuracy 0.30
-    instead of 0.64 on the main job).
+    instead of 0.64 on the main job), ``lira`` (add offline LiRA to every membership measurement,
+    the vanilla SISA shards as reference models: :func:`shard_references`).
     """
     c = ml_collections.ConfigDict()
     c.rounds = 3
@@ -681,6 +723,7 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     c.naive = True
     c.fmd_pass = True
     c.added_epochs = 0
+    c.lira = True
     if quick:
         c.rounds = 1
         c.shards = 2
@@ -744,7 +787,21 @@ def make_context(
             shutil.copytree(vanilla_dir, directory)
         return open_sisa(directory, train_set)
 
-    return SyncContext(splits, augmenter, make_sisa, open_sisa, sync, str(sync.aggregate))
+    cache: dict[str, Any] = {}
+
+    def references() -> Any:
+        # the vanilla shards (trained on the originals, never forgetting) over train ∪ test
+        if "lira" not in cache:
+            if not (vanilla_dir / "meta.json").exists():
+                train_vanilla(splits.train)
+            cache["lira"] = shard_references(open_sisa(vanilla_dir, splits.train), concat(splits.train, splits.test))
+        return cache["lira"]
+
+    return SyncContext(
+        splits, augmenter, make_sisa, open_sisa, sync, str(sync.aggregate),
+        # one shard: no sample has an OUT reference model, so no LiRA
+        references=references if bool(sync.get("lira", True)) and int(sync.shards) >= 2 else None,
+    )
 
 
 def plot_rounds(state: SyncState, path: Path, naive: dict[str, Any] | None = None) -> Path:
@@ -813,6 +870,7 @@ __all__ = [
     "naive_combination",
     "run_sync",
     "save_dataset",
+    "shard_references",
     "sync_round",
     "total_synthetic",
 ]

@@ -95,9 +95,9 @@ def test_forget_budget_and_options():
         ("delta", -1.0, "delta"),
         ("attack_size", 2, "attack_size"),
         ("added_epochs", -1, "added_epochs"),
+        ("lira", "yes", "lira"),
     ]:
-        s = ml_collections.ConfigDict(CONFIG.sync.to_dict())
-        s[field] = value
+        s = ml_collections.ConfigDict({**CONFIG.sync.to_dict(), field: value})
         with pytest.raises(PrivDebiasError, match=match):
             sync.check_sync_options(s)
 
@@ -236,3 +236,49 @@ def test_fmd_pass_debiases_every_shard_head_and_nothing_else(whole):
     acc = float(np.mean(np.argmax(want, 1) == np.asarray(x.y)))
     assert res["metrics"]["acc_unbiased"] == pytest.approx(acc, abs=1e-6)
     assert res["num_params_updated"] == sum(r["num_params_updated"] for r in res["shards"]) > 0
+
+
+def test_lira_offline_uses_the_vanilla_shards_that_did_not_train_on_each_sample(whole):
+    """Offline LiRA in every measurement: the reference models are the vanilla SISA shards, a
+    sample is IN for exactly the shard whose slots hold it, and the scores equal a direct
+    Gaussian fit with one global variance (numpy/scipy, from each shard's own predictions)."""
+    from scipy.stats import norm
+
+    from privdebias_jax.data import concat
+    from privdebias_jax.privacy.attacks import membership_scores
+    from privdebias_jax.privacy.membership import scaled_logit
+
+    ctx, state, out = whole
+    refs = ctx.references()
+    vanilla = ctx.open_sisa(out / "sisa_vanilla", SPLITS.train)
+    pool_ids = np.asarray(refs.pool.idx)
+    assert set(pool_ids.tolist()) == set(np.asarray(SPLITS.train.idx).tolist()) | set(np.asarray(SPLITS.test.idx).tolist())
+    for r in range(vanilla.plan.num_shards):
+        shard_ids = vanilla.plan.slots[r][vanilla.plan.slots[r] >= 0]
+        np.testing.assert_array_equal(refs.member[r].astype(bool), np.isin(pool_ids, shard_ids))
+    assert np.all(refs.member[:, np.isin(pool_ids, np.asarray(SPLITS.test.idx))] == 0)
+    assert np.all(refs.member[:, np.isin(pool_ids, np.asarray(SPLITS.train.idx))].sum(0) == 1)
+    assert refs.global_variance
+    # the scores of the loop's final ensemble on 20 members and 20 non-members
+    sisa, _ = sync._current(ctx, out / "sync", state.round)
+    target = sisa.ensemble(ctx.aggregate)
+    members, nonmembers = subset(SPLITS.train, np.arange(20)), subset(SPLITS.test, np.arange(20))
+    got = membership_scores(target, members, nonmembers, key=jax.random.key(0), attacks=("lira_offline",),
+                            reference=refs)["scores"]["lira_offline"]
+    data = concat(members, nonmembers)
+    y = np.asarray(data.y)
+    phi = scaled_logit(predict(*target, data)[0], y)
+    ref_phi = np.stack([scaled_logit(predict(vanilla.model, vanilla.shard_state(r).params,
+                                             vanilla.shard_state(r).model_state, data)[0], y)
+                        for r in range(vanilla.plan.num_shards)])
+    out_mask = np.stack([~np.isin(np.asarray(data.idx), vanilla.plan.slots[r][vanilla.plan.slots[r] >= 0])
+                         for r in range(vanilla.plan.num_shards)])
+    mu = np.array([ref_phi[out_mask[:, i], i].mean() for i in range(len(y))])
+    dev = np.concatenate([ref_phi[out_mask[:, i], i] - mu[i] for i in range(len(y))])
+    sd = np.sqrt((dev ** 2).sum() / (out_mask.sum() - len(y))) + 1e-6
+    np.testing.assert_allclose(got, norm.logcdf((phi - mu) / sd), rtol=1e-5, atol=1e-6)
+    # and it is part of every round's measurement (members and forgotten originals)
+    last = state.history[-1]
+    assert "lira_offline" in last["membership"]["attacks"]
+    assert "lira_offline" in last["membership_forgotten"]["attacks"]
+    assert 0.0 <= last["membership"]["attacks"]["lira_offline"]["auc"] <= 1.0

@@ -52,6 +52,9 @@ class ReferenceModels:
     pool: Dataset
     member: np.ndarray
     seconds: float
+    #: LiRA with one variance over all samples (Carlini et al. 2022, for few reference models:
+    #: a per-sample variance from 3–4 models is near 0 and saturates the scores).
+    global_variance: bool = False
 
 
 def check_member_sets(members: Dataset, nonmembers: Dataset) -> None:
@@ -240,9 +243,13 @@ def membership_scores(
             ref_phi = np.stack([mi.scaled_logit(lg, y) for lg in ref_logits])
             inn = reference.member[:, pos]
             if "lira_online" in attacks:
-                scores["lira_online"] = mi.lira_scores(phi, ref_phi, inn, online=True)
+                scores["lira_online"] = mi.lira_scores(
+                    phi, ref_phi, inn, online=True, global_variance=reference.global_variance
+                )
             if "lira_offline" in attacks:
-                scores["lira_offline"] = mi.lira_scores(phi, ref_phi, inn, online=False)
+                scores["lira_offline"] = mi.lira_scores(
+                    phi, ref_phi, inn, online=False, global_variance=reference.global_variance
+                )
         if "shadow" in attacks:
             feats = np.concatenate([mi.shadow_features(lg, y) for lg in ref_logits])
             lab = reference.member[:, pos].reshape(-1).astype(np.int64)
