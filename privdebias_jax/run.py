@@ -479,7 +479,7 @@ def render_report(results: dict[str, Any]) -> str:
             "of the SISA column (each trained on its own share of the originals) are the reference models, "
             "each sample scored against the shards that did not train on it; these references are "
             "weaker than the target, so LiRA here is a difficulty-calibrated loss attack."
-            if sc.get("lira", True) else ""
+            if any(c.get("lira_auc") is not None for _, c in cols) else ""
         ),
         "",
         rep.markdown_table(rows, ["metric", *[name for name, _ in cols]]),
