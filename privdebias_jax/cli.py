@@ -295,6 +295,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config.sync = get_sync_options(args.quick)
     for field in (
         "rounds", "shards", "slices", "forget_rate", "forget_strategy", "capacity", "delta", "added_epochs",
+        "program_width",
     ):
         value = getattr(args, field)
         if value is not None:
@@ -476,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="sync-loop rounds (default 3)")
     p.add_argument("--shards", type=int, help="SISA shards S (default 4)")
     p.add_argument("--slices", type=int, help="SISA slices R per shard (default 2)")
+    p.add_argument(
+        "--program-width", type=_non_negative_int,
+        help="SISA shard lanes per compiled program (default 0 = auto: 1 for a CNN on the CPU, else S)",
+    )
     p.add_argument("--forget-rate", type=float, help="share of the originals to forget, in (0, 1) (default 0.1)")
     p.add_argument("--forget-strategy", choices=("exposed", "random"), help="which originals to forget")
     p.add_argument("--capacity", type=int, help="deletions per step (default: a round's share in one step)")

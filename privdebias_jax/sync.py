@@ -68,7 +68,8 @@ def check_sync_options(sync: ml_collections.ConfigDict) -> None:
     Raises:
       PrivDebiasError: ``rounds < 1``, ``shards < 1``, ``slices < 1``, a forget rate outside
         (0, 1), an unknown forget strategy, a negative capacity, δ or margin, ``attack_size < 4``,
-        ``added_epochs`` that is not a non-negative integer, ``lira`` that is not a bool.
+        ``added_epochs`` that is not a non-negative integer, ``program_width`` outside
+        ``[0, shards]``, ``lira`` that is not a bool.
     """
     if int(sync.rounds) < 1:
         raise PrivDebiasError(f"rounds must be at least 1, got {sync.rounds}")
@@ -92,6 +93,11 @@ def check_sync_options(sync: ml_collections.ConfigDict) -> None:
     added = sync.get("added_epochs", 0)
     if int(added) != added or int(added) < 0:
         raise PrivDebiasError(f"added_epochs must be a non-negative integer, got {added}")
+    width = sync.get("program_width", 0)
+    if int(width) != width or not 0 <= int(width) <= int(sync.shards):
+        raise PrivDebiasError(
+            f"program_width must be an integer in [0, shards = {sync.shards}] (0 = auto), got {width}"
+        )
     if not isinstance(sync.get("lira", True), (bool, np.bool_)):
         raise PrivDebiasError(f"lira must be true or false, got {sync.get('lira')!r}")
 
@@ -409,14 +415,22 @@ def _measure(
 def _choose(
     ctx: SyncContext, sisa: SISAModel, candidates: Dataset, count: int, key: PRNGKey, path: Path
 ) -> np.ndarray:
-    """Pick (or reload) the originals to forget and their matched held-out set; saved first."""
+    """Pick (or reload) the originals to forget and their matched held-out set; saved first.
+
+    The matched set mirrors the choice: ``candidates`` are the originals not forgotten in earlier
+    rounds, so the held-out pool is the test set without the samples matched in earlier rounds
+    (the other ``forget*.json`` files beside ``path``), and the same fraction of it is picked."""
     if path.exists():
         return _read_forget_file(path)[0]
     target = sisa.ensemble(ctx.aggregate)
     strategy = str(ctx.sync.forget_strategy)
     ids = choose_forget_ids(target, candidates, count, strategy, jax.random.fold_in(key, 0))
     fraction = ids.size / max(len(candidates), 1)
-    matched = matched_nonmembers(target, ctx.splits.test, fraction, strategy, jax.random.fold_in(key, 1))
+    earlier = [_read_forget_file(f)[1] for f in sorted(path.parent.glob("forget*.json")) if f != path]
+    pool = ctx.splits.test
+    if earlier and strategy != "random":
+        pool = remove_ids(pool, np.unique(np.concatenate(earlier)))
+    matched = matched_nonmembers(target, pool, fraction, strategy, jax.random.fold_in(key, 1))
     atomic_write_json(path, {"forget": ids.tolist(), "matched": matched.tolist()})
     return ids
 
@@ -692,7 +706,8 @@ def get_sync_options(quick: bool = False) -> ml_collections.ConfigDict:
     """Defaults of the loop (the ``sync`` section of the main job's config).
 
     ``rounds`` (N), ``shards`` (S) × ``slices`` (R) of the SISA ensemble, ``program_width``
-    (0 = S), ``forget_rate`` (share of the originals forgotten over the whole loop; the paper's
+    (shard lanes per compiled program; 0 = :func:`~privdebias_jax.multi.auto_program_width`:
+    one lane for a CNN on the CPU, where vmapped convolutions are slow, else S), ``forget_rate`` (share of the originals forgotten over the whole loop; the paper's
     10%), ``forget_strategy`` (``exposed``: lowest-loss originals first; ``random``),
     ``capacity`` (deletions per step; 0 = a round's share in one step), ``delta`` (target KL/MI
     bias of the training data, nats), ``chance_margin`` (an attack counts as at chance when its
@@ -748,6 +763,7 @@ def make_context(
     :func:`~privdebias_jax.unlearn.sisa_epochs`) and ``config.sync``. The vanilla SISA model is
     trained once in ``out/sisa_vanilla``; the loop and the naive baseline start from copies."""
     from privdebias_jax.pipeline import spec_from_config
+    from privdebias_jax.multi import auto_program_width
     from privdebias_jax.unlearn import make_plan, sisa_epochs, train_shards
 
     sync = config.sync
@@ -760,6 +776,9 @@ def make_context(
         built = _BUILT[repr(spec)] = spec.build()
     model, tx = built
     vanilla_dir = Path(out) / "sisa_vanilla"
+    width = int(sync.program_width) or auto_program_width(
+        model, tx, tuple(np.shape(splits.train.x)[1:]), int(sync.shards)
+    )
 
     def train_vanilla(train_set: Dataset) -> SISAModel:
         plan = make_plan(
@@ -770,7 +789,7 @@ def make_context(
             key=jax.random.fold_in(key, 3),
             epochs_per_slice=sisa_epochs(int(config.epochs), int(sync.slices)),
             batch_size=int(config.batch_size),
-            program_width=int(sync.program_width) or None,
+            program_width=width,
             progress=progress,
         )
         return sisa

@@ -122,6 +122,7 @@ def test_run_quick_writes_the_results_folder(tmp_path, capsys):
         ("--rounds", "0", "rounds"),
         ("--forget-rate", "1.5", "forget rate"),
         ("--shards", "0", "shards"),
+        ("--program-width", "3", "program_width"),  # more lanes than the quick job's 2 shards
     ]:
         assert main(["run", "--quick", "--no-progress", "--out", str(tmp_path / "bad"), flag, value]) == 2
         assert message in capsys.readouterr().err

@@ -25,6 +25,7 @@ import pytest
 
 from privdebias_jax.data import make_dataset, remove_ids, subset
 from privdebias_jax.models import create_model
+from privdebias_jax.multi import auto_program_width
 from privdebias_jax.train import evaluate, make_optimizer, predict
 from privdebias_jax.types import PrivDebiasError
 from privdebias_jax.unlearn import (
@@ -279,6 +280,13 @@ def test_auto_layout_resolves_by_model(tmp_path, colored8):
     config = SISAConfig((1, 1), 8)
     assert SISAModel(cnn, TX, ds, plan, config, tmp_path / "c", key=0).layout == "loop"
     assert SISAModel(mlp, TX, ds, plan, config, tmp_path / "m", key=0).layout == "scan"
+    # the automatic program width follows the same rule: one lane for a CNN on the CPU
+    shape = tuple(np.shape(ds.x)[1:])
+    assert jax.default_backend() == "cpu"
+    assert auto_program_width(cnn, TX, shape, 4) == 1
+    assert auto_program_width(mlp, TX, shape, 4) == 4
+    with pytest.raises(PrivDebiasError, match="num_shards"):
+        auto_program_width(mlp, TX, shape, 0)
 
 
 def test_forget_after_reopen_matches_from_scratch(base, tmp_path):

@@ -96,6 +96,8 @@ def test_forget_budget_and_options():
         ("attack_size", 2, "attack_size"),
         ("added_epochs", -1, "added_epochs"),
         ("lira", "yes", "lira"),
+        ("program_width", 3, "program_width"),  # more lanes than the 2 shards
+        ("program_width", -1, "program_width"),
     ]:
         s = ml_collections.ConfigDict({**CONFIG.sync.to_dict(), field: value})
         with pytest.raises(PrivDebiasError, match=match):
@@ -159,6 +161,15 @@ def test_loop_adds_forgets_and_resumes_to_the_same_state(tmp_path, whole, monkey
         mutual_info_score(np.asarray(alive.y), np.asarray(alive.a)), rel=1e-5
     )
     assert state.history[-1]["data_kl_bias"] < state.history[0]["data_kl_bias"]
+    # each round's matched held-out set mirrors its choice: the same fraction of the test pool
+    # left after earlier rounds' matches (disjoint rounds), picked by exposure like the forgotten
+    matched = [json.loads((out / "sync" / f"forget_{r}.json").read_text())["matched"] for r in (1, 2)]
+    assert not set(matched[0]) & set(matched[1])
+    n_test, remaining = len(SPLITS.test), len(SPLITS.train)
+    for r, ids in enumerate(matched):
+        assert set(ids) <= set(np.asarray(SPLITS.test.idx).tolist())
+        assert len(ids) == max(2, round(budget[r] / remaining * n_test))
+        n_test, remaining = n_test - len(ids), remaining - budget[r]
     # the vanilla directory is untouched by the loop
     assert ctx.open_sisa(out / "sisa_vanilla", SPLITS.train).forgotten.size == 0
 
