@@ -762,8 +762,8 @@ def make_context(
     """The loop's context: SISA settings from ``config`` (model, optimiser, batch size, epochs via
     :func:`~privdebias_jax.unlearn.sisa_epochs`) and ``config.sync``. The vanilla SISA model is
     trained once in ``out/sisa_vanilla``; the loop and the naive baseline start from copies."""
-    from privdebias_jax.pipeline import spec_from_config
     from privdebias_jax.multi import auto_program_width
+    from privdebias_jax.pipeline import spec_from_config
     from privdebias_jax.unlearn import make_plan, sisa_epochs, train_shards
 
     sync = config.sync
