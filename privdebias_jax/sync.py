@@ -381,10 +381,15 @@ def _read_forget_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(data["forget"], np.int64), np.asarray(data["matched"], np.int64)
 
 
+def _matched_ids(directory: Path, skip: Path | None = None) -> np.ndarray:
+    """The matched held-out ids of every forget file in ``directory`` but ``skip`` (sorted, unique)."""
+    ids = [_read_forget_file(f)[1] for f in sorted(directory.glob("forget*.json")) if f != skip]
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+
+
 def _matched_pool(ctx: SyncContext, directory: Path) -> Dataset | None:
     """The matched non-members of every forget file in ``directory`` (``None`` if none)."""
-    ids = [_read_forget_file(f)[1] for f in sorted(directory.glob("forget*.json"))]
-    ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    ids = _matched_ids(directory)
     if ids.size < 2:
         return None
     test = ctx.splits.test
@@ -426,10 +431,10 @@ def _choose(
     strategy = str(ctx.sync.forget_strategy)
     ids = choose_forget_ids(target, candidates, count, strategy, jax.random.fold_in(key, 0))
     fraction = ids.size / max(len(candidates), 1)
-    earlier = [_read_forget_file(f)[1] for f in sorted(path.parent.glob("forget*.json")) if f != path]
+    earlier = _matched_ids(path.parent, skip=path)
     pool = ctx.splits.test
-    if earlier and strategy != "random":
-        pool = remove_ids(pool, np.unique(np.concatenate(earlier)))
+    if earlier.size and strategy != "random":
+        pool = remove_ids(pool, earlier)
     matched = matched_nonmembers(target, pool, fraction, strategy, jax.random.fold_in(key, 1))
     atomic_write_json(path, {"forget": ids.tolist(), "matched": matched.tolist()})
     return ids
@@ -776,11 +781,11 @@ def make_context(
         built = _BUILT[repr(spec)] = spec.build()
     model, tx = built
     vanilla_dir = Path(out) / "sisa_vanilla"
-    width = int(sync.program_width) or auto_program_width(
-        model, tx, tuple(np.shape(splits.train.x)[1:]), int(sync.shards)
-    )
 
     def train_vanilla(train_set: Dataset) -> SISAModel:
+        width = int(sync.program_width) or auto_program_width(
+            model, tx, tuple(np.shape(train_set.x)[1:]), int(sync.shards)
+        )
         plan = make_plan(
             train_set.idx, int(sync.shards), int(sync.slices), key=jax.random.fold_in(key, 2)
         )
