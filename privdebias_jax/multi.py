@@ -192,7 +192,8 @@ def auto_program_width(
     ``vmap`` over models turns each convolution into a grouped convolution, which XLA's CPU
     backend runs slowly: the SISA stages of the 14×14 small CNN (4 shards, batch 256) trained at
     2,786 examples/s vmapped against 4,757 one shard at a time (``benchmarks/shards_vmap.py
-    --model small_cnn --image-size 14 --shards 4 --batch-size 256 --epochs 8``, 2 CPU cores).
+    --model small_cnn --image-size 14 --shards 4 --batch-size 256 --epochs 8 --train-size 4000
+    --repeats 3``, 2 CPU cores).
     On accelerators the vmapped program is the layout that scales.
     """
     if int(num_shards) < 1:
