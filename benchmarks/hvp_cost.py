@@ -20,14 +20,22 @@ What is measured (every figure lands in the JSON):
   (``jax.jit(fn).lower(...).compile()``; the compile time is recorded): the loss (forward),
   the gradient ``jax.grad``, the library's :func:`~privdebias_jax.influence.hvp`
   (forward-over-reverse), reverse-over-forward (``grad`` of a ``jvp``) for comparison, the
-  library's Gauss-Newton product :func:`~privdebias_jax.influence.gnvp`, and the library's
-  :class:`~privdebias_jax.influence.CurvatureProblem` ``matvec`` (Hessian and Gauss-Newton), the
-  entry point the solvers use.
+  library's Gauss-Newton product :func:`~privdebias_jax.influence.gnvp`, the library's
+  :func:`~privdebias_jax.influence.linearize_hvp` (``linearize``: the cost of fixing the point)
+  and one product of that linearization (``hvp_linearized``: the tangent pass alone, what the
+  solvers pay per product at a fixed point), and the library's
+  :class:`~privdebias_jax.influence.CurvatureProblem` ``matvec`` (Hessian, which reuses one
+  linearization per problem, and Gauss-Newton), the entry point the solvers use.
+* The CNNs twice (``--conv``, default ``auto xla``): with the library's default convolution
+  (``auto``: im2col on the CPU, :mod:`privdebias_jax.models.conv`) and with XLA's own
+  (``small_cnn[xla]@14``), so the JSON shows what the convolution choice does to the gradient
+  and to the ratios.
 * Timing: every function of a configuration is called ``calls`` times per repeat (``calls``
   chosen so a gradient repeat takes ≥ ``target_repeat_s``), ``jax.block_until_ready`` at the
   end; repeats of all the functions are interleaved (so load on the shared machine hits them
   alike); the figure is the median repeat divided by ``calls``. Ratios are to the gradient of
-  the same subset. Target: HVP ≤ 2× a gradient.
+  the same subset. Target: HVP ≤ 2× a gradient (``meets_target`` for the one-off ``hvp``,
+  ``meets_target_linearized`` for the solvers' product).
 * Sanity checks: the symmetry ``uᵀ(Hv) = vᵀ(Hu)`` of the HVP and the Gauss-Newton product,
   and the agreement of the library's ``matvec`` (damping 0) with the raw HVP.
 """
@@ -51,7 +59,15 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, machine_info, median, time_interleaved, write_result  # noqa: E402
 from privdebias_jax.data import Batch, biased_mnist, colored_mnist  # noqa: E402
-from privdebias_jax.influence import LAST_LAYER, gnvp, hvp, make_problem, merge_params, split_params  # noqa: E402
+from privdebias_jax.influence import (  # noqa: E402
+    LAST_LAYER,
+    gnvp,
+    hvp,
+    linearize_hvp,
+    make_problem,
+    merge_params,
+    split_params,
+)
 from privdebias_jax.models import MODEL_DEFAULTS, count_params, create_model  # noqa: E402
 from privdebias_jax.train import apply_model, cross_entropy_loss, make_loss_fn  # noqa: E402
 
@@ -64,9 +80,12 @@ CONFIGS = [
     ("small_cnn", "biased-mnist", 14),
     ("small_cnn", "biased-mnist", 28),
 ]
+#: Convolution implementations timed for the CNNs (privdebias_jax.models.conv): the default
+#: ``auto`` (im2col on the CPU) and XLA's own convolution, side by side in one run.
+CONVS = ("auto", "xla")
 
 #: Functions beyond these are skipped with --quick (they only repeat a compile of the same maths).
-QUICK_FUNCTIONS = ("forward", "grad", "hvp", "gnvp", "library_matvec_hessian")
+QUICK_FUNCTIONS = ("forward", "grad", "hvp", "gnvp", "linearize", "hvp_linearized", "library_matvec_hessian")
 FULL = {
     "batch_size": 256,
     "repeats": 7,
@@ -84,8 +103,8 @@ QUICK = {
 }
 
 
-def config_name(model: str, image_size: int) -> str:
-    return f"{model}@{image_size}"
+def config_name(model: str, image_size: int, conv: str = "auto") -> str:
+    return f"{model}@{image_size}" if conv == "auto" else f"{model}[{conv}]@{image_size}"
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -147,6 +166,8 @@ def make_functions(model) -> dict:
         "hvp": (lambda s, fr, b, v: hvp(f, s, v, fr, b), True),
         "hvp_rev_over_fwd": (rev_over_fwd, True),
         "gnvp": (lambda s, fr, b, v: gnvp(output_fn, output_loss, s, v, fr, b), True),
+        # The linear map v ↦ Hv, linearized once at (selected, batch): returns a Partial.
+        "linearize": (lambda s, fr, b: linearize_hvp(f, s, fr, b)[1], False),
     }
 
 
@@ -197,6 +218,12 @@ def bench_subset(model, params, batch, subset: str, settings: dict) -> dict:
     for name, (fn, takes_v) in fns.items():
         args = (selected, frozen, batch, v) if takes_v else (selected, frozen, batch)
         compiled[name], compile_s[name] = compile_aot(fn, args)
+    linear_map = None
+    if "linearize" in compiled and (keep is None or "hvp_linearized" in keep):
+        # One product of an existing linearization (what CG, Arnoldi and Hessian columns pay per
+        # product once the point is fixed): the tangent pass only.
+        linear_map = compiled["linearize"](selected, frozen, batch)
+        apply_fn, compile_s["hvp_linearized"] = compile_aot(lambda m, w: m(w), (linear_map, v))
 
     # The library's entry point: CurvatureProblem.matvec (jitted inside, data as arguments).
     problems = {
@@ -220,6 +247,8 @@ def bench_subset(model, params, batch, subset: str, settings: dict) -> dict:
         for name, c in compiled.items()
     }
     calls_of.update({name: (lambda p=p: p.matvec(v)) for name, p in problems.items()})
+    if linear_map is not None:
+        calls_of["hvp_linearized"] = lambda: apply_fn(linear_map, v)
 
     # Calls per repeat: enough that one repeat of the gradient takes target_repeat_s.
     g_one = min(time_fn_once(calls_of["grad"]) for _ in range(3))
@@ -252,6 +281,8 @@ def bench_subset(model, params, batch, subset: str, settings: dict) -> dict:
             problems["library_matvec_hessian"].matvec(v), hv
         ),
     }
+    if linear_map is not None:
+        checks["hvp_linearized_vs_hvp_rel_diff"] = rel_diff(apply_fn(linear_map, v), hv)
     if "hvp_rev_over_fwd" in compiled:
         checks["rev_over_fwd_vs_hvp_rel_diff"] = rel_diff(
             compiled["hvp_rev_over_fwd"](selected, frozen, batch, v), hv
@@ -276,6 +307,11 @@ def bench_subset(model, params, batch, subset: str, settings: dict) -> dict:
         "gnvp_over_grad": ms["gnvp"] / grad_ms,
         "target_hvp_over_grad": TARGET_HVP_OVER_GRAD,
         "meets_target": ms["hvp"] / grad_ms <= TARGET_HVP_OVER_GRAD,
+        # The solvers' product (CurvatureProblem.matvec reuses one linearization per problem).
+        "hvp_linearized_over_grad": ms["hvp_linearized"] / grad_ms if "hvp_linearized" in ms else None,
+        "linearize_over_grad": ms["linearize"] / grad_ms if "linearize" in ms else None,
+        "meets_target_linearized": (ms["hvp_linearized"] / grad_ms <= TARGET_HVP_OVER_GRAD)
+        if "hvp_linearized" in ms else None,
         "compile_s": compile_s,
         "hlo_op_counts": {
             k: hlo_op_counts(compiled[k]) for k in ("grad", "hvp", "gnvp") if k in compiled
@@ -300,7 +336,7 @@ def print_table(result: dict) -> None:
     )
     head = (
         f"{'config':<16}{'subset':<7}{'params':>9}{'fwd ms':>9}{'grad ms':>9}{'hvp ms':>9}{'gnvp ms':>9}"
-        f"{'hvp/g':>7}{'gn/g':>7}{'rof/g':>7}{'lib/g':>7}{'fwd/g':>7}{'≤2×':>5}"
+        f"{'hvp/g':>7}{'lin/g':>7}{'gn/g':>7}{'rof/g':>7}{'lib/g':>7}{'fwd/g':>7}{'≤2×':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -308,15 +344,16 @@ def print_table(result: dict) -> None:
         for subset, e in entry["subsets"].items():
             o = {
                 k: e["over_grad"].get(k, float("nan"))
-                for k in ("hvp", "gnvp", "hvp_rev_over_fwd", "library_matvec_hessian", "forward")
+                for k in ("hvp", "hvp_linearized", "gnvp", "hvp_rev_over_fwd", "library_matvec_hessian", "forward")
             }
             print(
                 f"{name:<16}{subset:<7}{e['num_params']:>9,}{e['ms']['forward']:>9.2f}{e['ms']['grad']:>9.2f}"
-                f"{e['ms']['hvp']:>9.2f}{e['ms']['gnvp']:>9.2f}{o['hvp']:>7.2f}{o['gnvp']:>7.2f}"
+                f"{e['ms']['hvp']:>9.2f}{e['ms']['gnvp']:>9.2f}{o['hvp']:>7.2f}{o['hvp_linearized']:>7.2f}{o['gnvp']:>7.2f}"
                 f"{o['hvp_rev_over_fwd']:>7.2f}{o['library_matvec_hessian']:>7.2f}{o['forward']:>7.2f}"
                 f"{'yes' if e['meets_target'] else 'NO':>5}"
             )
-    print("(rof = reverse-over-forward HVP; lib = CurvatureProblem.matvec, Hessian)")
+    print("(lin = one product of a linearized HVP; rof = reverse-over-forward HVP; lib = CurvatureProblem.matvec, "
+          "Hessian, which reuses one linearization)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -349,7 +386,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed repeats (default 7; 1 with --quick)"
     )
+    parser.add_argument(
+        "--conv", nargs="+", choices=("auto", "xla", "im2col"), default=None,
+        help="convolution implementations to time for the CNNs (default: auto xla; auto with --quick)",
+    )
     args = parser.parse_args(argv)
+    if args.conv is None:
+        args.conv = ["auto"] if args.quick else list(CONVS)
     settings = dict(QUICK if args.quick else FULL)
     if args.batch_size is not None:
         settings["batch_size"] = args.batch_size
@@ -366,15 +409,16 @@ def main(argv: list[str] | None = None) -> dict:
         size = settings["image_size"] or size
         if args.models and model_name not in args.models:
             continue
-        if (model_name, dataset, size) not in configs:
-            configs.append((model_name, dataset, size))
+        for conv in (args.conv if "conv" in MODEL_DEFAULTS[model_name][0].__dataclass_fields__ else ("auto",)):
+            if (model_name, dataset, size, conv) not in configs:
+                configs.append((model_name, dataset, size, conv))
 
     results = {}
-    for model_name, dataset, size in configs:
-        name = config_name(model_name, size)
+    for model_name, dataset, size, conv in configs:
+        name = config_name(model_name, size, conv)
         print(f"[hvp_cost] {name} on {dataset} ...", file=sys.stderr, flush=True)
         batch, num_classes = real_batch(dataset, size, settings["batch_size"])
-        model = create_model(model_name, num_classes)
+        model = create_model(model_name, num_classes, **({} if conv == "auto" else {"conv": conv}))
         params = init_params(model, tuple(batch.x.shape[1:]))
         results[name] = {
             "model": model_name,
@@ -382,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
                 k: list(v) if isinstance(v, tuple) else v
                 for k, v in MODEL_DEFAULTS[model_name][1].items()
             },
+            "conv": conv,
             "dataset": dataset,
             "image_size": size,
             "input_shape": list(batch.x.shape[1:]),
@@ -401,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick,
             **settings,
             "scale": args.scale,
-            "configs": [{"model": m, "dataset": d, "image_size": s} for m, d, s in configs],
+            "configs": [{"model": m, "dataset": d, "image_size": s, "conv": c} for m, d, s, c in configs],
             "data": f"first batch_size rows of the training split of colored_mnist / biased_mnist({RHO}, key=0, image_size)",
             "params": "model.init(PRNGKey(0)) (untrained; the cost does not depend on the values)",
             "vectors": "v, u standard normal (PRNGKey(1), PRNGKey(2)), shaped like the subset",
@@ -414,7 +459,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "hvp": "privdebias_jax.influence.hvp: jax.jvp(jax.grad(f)) (forward-over-reverse)",
                 "hvp_rev_over_fwd": "jax.grad of jax.jvp(f) (reverse-over-forward), for comparison",
                 "gnvp": "privdebias_jax.influence.gnvp (Gauss-Newton Jᵀ H_z J v)",
-                "library_matvec_hessian": "make_problem(..., select).matvec(v) (damping 0)",
+                "linearize": "privdebias_jax.influence.linearize_hvp: jax.linearize(jax.grad(f)) at (selected, "
+                "batch), returning the linear map (a Partial holding the residuals)",
+                "hvp_linearized": "one product of an existing linearization, jit(lambda m, w: m(w)): the tangent "
+                "pass only; what CG, Arnoldi and Hessian columns pay per product",
+                "library_matvec_hessian": "make_problem(..., select).matvec(v) (damping 0; reuses one "
+                "linearization per problem)",
                 "library_matvec_gauss_newton": "make_problem(..., curvature='gauss_newton').matvec(v)",
             },
             "target": f"hvp / grad ≤ {TARGET_HVP_OVER_GRAD} on every model",
@@ -427,6 +477,11 @@ def main(argv: list[str] | None = None) -> dict:
             "meets_target": {k: e["meets_target"] for k, e in rows.items()},
             "all_meet_target": all(e["meets_target"] for e in rows.values()),
             "missed_target": [k for k, e in rows.items() if not e["meets_target"]],
+            "hvp_linearized_over_grad": {k: e["hvp_linearized_over_grad"] for k, e in rows.items()},
+            "linearize_over_grad": {k: e["linearize_over_grad"] for k, e in rows.items()},
+            "meets_target_linearized": {k: e["meets_target_linearized"] for k, e in rows.items()},
+            "all_meet_target_linearized": all(bool(e["meets_target_linearized"]) for e in rows.values()),
+            "grad_ms": {k: e["ms"]["grad"] for k, e in rows.items()},
         },
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "total_s": time.perf_counter() - t_start,

@@ -12,7 +12,13 @@ What is measured (every figure lands in the JSON):
   3×3 convs, no norm) on real Biased-MNIST at 14×14 and 28×28; batch 256; all parameters.
 * JAX: the library's :func:`~privdebias_jax.influence.hvp` (``jax.jvp(jax.grad(f))``,
   forward-over-reverse) of ``make_loss_fn(model)``, AOT-compiled with the parameters, the vector
-  and the batch as arguments; and ``jax.grad`` of the same loss.
+  and the batch as arguments; and ``jax.grad`` of the same loss. The model is the library's
+  default, so on the CPU its convolutions are im2col (:mod:`privdebias_jax.models.conv`).
+* At a fixed point (what CG, Arnoldi and Hessian columns pay per product): JAX's linearized
+  HVP (``jax_linearized_apply``, :func:`~privdebias_jax.influence.linearize_hvp`) against
+  PyTorch's double backward through a retained graph (``torch_graph_reuse``:
+  ``autograd.grad(loss, create_graph=True)`` once, ``autograd.grad(g, params, v,
+  retain_graph=True)`` per vector); ``jax_linearized_over_torch_graph_reuse`` in the summary.
 * PyTorch: a functional twin (same widths; Flax's ``"SAME"`` padding reproduced exactly, i.e.
   asymmetric ``F.pad`` where a stride-2 layer needs it; NCHW; weights copied from the JAX model),
   HVP by ``torch.func.jvp(torch.func.grad(loss), ...)`` (forward-over-reverse), gradient by
@@ -107,7 +113,7 @@ QUICK = {
     "target_repeat_s": 0.0,
     "settle_s": 0.0,
     "configs": [("mlp", "colored-mnist", 28), ("small_cnn", "biased-mnist", 28)],
-    "variants": ("jax_nchw", "torch_threads_1"),
+    "variants": ("jax_nchw", "torch_threads_1", "jax_linearize_reuse", "torch_graph_reuse"),
     "probe_configs": [],
     "probe_repeats": 1,
     "linearize_k": 2,
@@ -386,7 +392,7 @@ def bench_config(model_name, dataset, image_size, settings, investigate: bool) -
             f,
             hv_jax,
             twin,
-            {**settings, "variants": ("torch_threads_1",)},
+            {**settings, "variants": ("torch_threads_1", "jax_linearize_reuse", "torch_graph_reuse")},
         )
     else:
         breakdown = (
@@ -442,6 +448,15 @@ def bench_config(model_name, dataset, image_size, settings, investigate: bool) -
         "jax_over_best_torch_hvp": ms["jax_hvp"] / best_torch,
         "meets_target_vs_best_torch": ms["jax_hvp"] / best_torch <= TARGET_RATIO[model_name],
         "variants": variants_info,
+        # At a fixed point (what iterative solvers pay per product): JAX's linearized HVP
+        # against PyTorch's double-backward through a retained graph.
+        "jax_linearized_over_torch_graph_reuse": (
+            ms["jax_linearized_apply"] / ms["torch_graph_reuse"]
+            if "jax_linearized_apply" in ms and "torch_graph_reuse" in ms else None
+        ),
+        "jax_linearized_over_grad": (
+            ms["jax_linearized_apply"] / ms["jax_grad"] if "jax_linearized_apply" in ms else None
+        ),
         "hlo_convolutions": hlo,
         "conv_layer_breakdown": breakdown,
         "cores_used": {
@@ -553,6 +568,24 @@ def add_variants(
             apply(f_jvp, v),
             "the marginal cost of one more vector: the jitted apply of "
             "an already linearized grad f (residuals precomputed)",
+        )
+    if want("torch_graph_reuse"):
+        # PyTorch's counterpart of a linearized HVP: the gradient's graph built once
+        # (create_graph=True), then one double-backward per vector through the retained graph.
+        leaves = {k2: t.detach().requires_grad_(True) for k2, t in twin.params.items()}
+        grads = torch.autograd.grad(twin.loss(leaves), list(leaves.values()), create_graph=True)
+        v_list = [twin.v[k2] for k2 in leaves]
+
+        def graph_reuse(grads=grads, leaves=leaves, v_list=v_list):
+            return torch.autograd.grad(grads, list(leaves.values()), v_list, retain_graph=True)
+
+        fns["torch_graph_reuse"] = graph_reuse
+        check(
+            "torch_graph_reuse",
+            flat_in_flax_order(flat, {k2: t.detach() for k2, t in zip(leaves, graph_reuse(), strict=True)}),
+            "PyTorch: torch.autograd.grad(loss, create_graph=True) once, then "
+            "torch.autograd.grad(g, params, v, retain_graph=True) per vector (reverse-over-reverse "
+            "through the retained graph): the marginal cost of one more vector",
         )
     if want("jax_vmap_vectors"):
         k = settings["vmap_k"]
@@ -1037,6 +1070,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             },
             "torch_over_jax_hvp": {n: e["torch_over_jax_hvp"] for n, e in configs.items()},
             "meets_target": {n: e["meets_target"] for n, e in configs.items()},
+            "jax_linearized_over_torch_graph_reuse": {
+                n: e["jax_linearized_over_torch_graph_reuse"] for n, e in configs.items()
+            },
+            "jax_linearized_over_grad": {n: e["jax_linearized_over_grad"] for n, e in configs.items()},
             "hvp_rel_err": {n: e["check"]["hvp_rel_err"] for n, e in configs.items()},
             "checks_passed": all(e["check"]["passed"] for e in configs.values()),
             "torch_version": package_version("torch"),

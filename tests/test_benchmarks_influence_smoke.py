@@ -48,8 +48,11 @@ def test_hvp_cost_quick(tmp_path):
     for name, entry in configs.items():
         assert set(entry["subsets"]) == {"all", "head"}, name
         for subset, e in entry["subsets"].items():
-            for fn in ("forward", "grad", "hvp", "gnvp", "library_matvec_hessian"):
+            for fn in ("forward", "grad", "hvp", "gnvp", "linearize", "hvp_linearized", "library_matvec_hessian"):
                 assert positive(e["ms"][fn]), (name, subset, fn)
+            assert positive(e["hvp_linearized_over_grad"]) and isinstance(e["meets_target_linearized"], bool)
+            # One product of the linearization is the same product as the one-off HVP.
+            assert e["checks"]["hvp_linearized_vs_hvp_rel_diff"] < 1e-4, (name, subset)
             assert positive(e["hvp_over_grad"]) and positive(e["gnvp_over_grad"]), (name, subset)
             assert isinstance(e["meets_target"], bool)
             assert e["num_params"] > 0
@@ -107,6 +110,10 @@ def test_torch_reference_quick(tmp_path):
         assert e["check"]["passed"], (name, e["check"])
         assert e["check"]["hvp_rel_err"] < 1e-3, name
         assert e["num_params"] == e["torch_num_params"], name
+        # The fixed-point products of both frameworks (linearized JAX, retained-graph PyTorch).
+        assert positive(e["jax_linearized_over_torch_graph_reuse"]), name
+        for vname in ("jax_linearized_apply", "torch_graph_reuse"):
+            assert e["variants"][vname]["rel_err_vs_baseline"] < 1e-3, (name, vname)
     cnn = configs["small_cnn@28"]
     assert cnn["variants"], "the CNN investigation ran no variant"
     for vname, v in cnn["variants"].items():

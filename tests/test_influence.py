@@ -34,6 +34,7 @@ from privdebias_jax.influence import (
     influence_scores,
     inverse_hvp,
     linear_head_hessian,
+    linearize_hvp,
     make_problem,
     make_solver,
     matrix_from_products,
@@ -389,6 +390,27 @@ def test_hvp_equals_hessian_times_v(loss_fn, splits, mixed):
             batch,
         )
         assert rel(ravel_by_hand(hv), h_ref @ v) < 1e-4
+
+
+def test_linearized_hvp_and_problem_matvec_equal_hessian_times_v(loss_fn, splits, mixed, trained):
+    selected, frozen, h_ref = mixed
+    batch = as_batch(splits.train)
+    grad, linear_map = jax.jit(linearize_hvp, static_argnums=0)(restrict(loss_fn), selected, frozen, batch)
+    np.testing.assert_allclose(
+        ravel_by_hand(grad), ravel_by_hand(jax.grad(restrict(loss_fn))(selected, frozen, batch)), rtol=1e-5, atol=1e-7
+    )
+    _, params = trained
+    reused = make_problem(loss_fn, params, splits.train, select=MIXED, damping=LAMBDA)
+    fresh = make_problem(loss_fn, params, splits.train, select=MIXED, damping=LAMBDA, reuse_linearization=False)
+    assert reused.reuse_linearization and not fresh.reuse_linearization
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # the same linearization serves every vector
+        v = rng.normal(size=h_ref.shape[0])
+        vt = unravel_by_hand(jnp.asarray(v, jnp.float32), layout(selected))
+        assert rel(ravel_by_hand(linear_map(vt)), h_ref @ v) < 1e-4
+        for prob in (reused, fresh):
+            assert rel(ravel_by_hand(prob.matvec(vt)), h_ref @ v + LAMBDA * v) < 1e-4
+            assert rel(ravel_by_hand(prob.undamped_matvec(vt)), h_ref @ v) < 1e-4
 
 
 def test_matrix_from_products_equals_dense_hessian(loss_fn, splits, mixed):

@@ -5,7 +5,13 @@ loss; ``I(z) > 0`` means removing ``z`` lowers ``f`` (by ``≈ I(z)/n``). See
 :mod:`privdebias_jax.influence.influence`.
 """
 
-from privdebias_jax.influence.hvp import dense_hessian, gnvp, hvp, matrix_from_products
+from privdebias_jax.influence.hvp import (
+    dense_hessian,
+    gnvp,
+    hvp,
+    linearize_hvp,
+    matrix_from_products,
+)
 from privdebias_jax.influence.influence import (
     InfluenceResult,
     NewtonUpdate,
@@ -40,6 +46,7 @@ from privdebias_jax.influence.solvers import (
 
 __all__ = [
     "hvp",
+    "linearize_hvp",
     "gnvp",
     "dense_hessian",
     "matrix_from_products",

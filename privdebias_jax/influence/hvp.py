@@ -6,6 +6,11 @@ and wrong timings otherwise).
 
 * :func:`hvp`: ``H v = ∂/∂ε ∇f(θ + ε v)`` by forward-over-reverse (``jax.jvp`` of
   ``jax.grad``), 1.6–2.1× a gradient here; reverse-over-reverse costs 6–11× on CNNs.
+* :func:`linearize_hvp`: the gradient and the linear map ``v ↦ H v`` by ``jax.linearize`` of
+  ``jax.grad``: the forward and backward pass at ``θ`` run once, and each product afterwards
+  costs only the tangent pass. Solvers that apply ``H`` many times at the same point and batch
+  (CG, Arnoldi, column-by-column Hessians) use it through
+  :meth:`~privdebias_jax.influence.CurvatureProblem.matvec`.
 * :func:`gnvp`: the Gauss-Newton product ``G v = Jᵀ H_z J v`` (Schraudolph 2002; Martens 2010)
   with ``J`` the Jacobian of the outputs ``z`` (logits) and ``H_z`` the Hessian of the loss in
   the outputs: positive semi-definite for convex output losses (cross-entropy), unlike ``H``.
@@ -34,6 +39,20 @@ def hvp(f: Callable[..., jax.Array], params: Tree, v: Tree, *args: Any) -> Tree:
     """
     grad_f = lambda p: jax.grad(f)(p, *args)  # noqa: E731
     return jax.jvp(grad_f, (params,), (v,))[1]
+
+
+def linearize_hvp(f: Callable[..., jax.Array], params: Tree, *args: Any) -> tuple[Tree, Callable[[Tree], Tree]]:
+    """``(∇f(params, *args), v ↦ ∇²f(params, *args) · v)`` by ``jax.linearize(jax.grad(f))``.
+
+    The returned map is a ``jax.tree_util.Partial`` holding the residuals of the gradient's
+    forward and backward pass, so it can be returned from and passed into jitted functions;
+    applying it runs only the tangent (forward-over-reverse) part of :func:`hvp`: a product
+    costs about what the gradient costs instead of about twice (``benchmarks/hvp_cost.py``,
+    ``hvp_linearized``). Its memory is the residuals: the activations of one forward and one
+    backward pass over ``args``'s batch.
+    """
+    grad_f = lambda p: jax.grad(f)(p, *args)  # noqa: E731
+    return jax.linearize(grad_f, params)
 
 
 def gnvp(

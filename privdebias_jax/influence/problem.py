@@ -25,7 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from privdebias_jax.data.dataset import Batch, Dataset, as_batch
-from privdebias_jax.influence.hvp import gnvp, hvp
+from privdebias_jax.influence.hvp import gnvp, hvp, linearize_hvp
 from privdebias_jax.influence.params import PathFilter, merge_params, split_params
 from privdebias_jax.train import apply_model, cross_entropy_loss
 from privdebias_jax.types import ModelState, Params, PrivDebiasError
@@ -51,6 +51,17 @@ def _damped_hvp(loss_fn, curvature_fn, damping, selected, frozen, batch, model_s
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _linearized_hvp(loss_fn, selected, frozen, batch, model_state):
+    """``v ↦ ∇²_S L v`` at the problem's point and batch, as a jit-compatible ``Partial``."""
+    return linearize_hvp(lambda s: _restricted_loss(loss_fn, s, frozen, batch, model_state), selected)[1]
+
+
+@jax.jit
+def _apply_damped(linear_map, damping, v):
+    return jax.tree_util.tree_map(lambda h, x: h + damping * x, linear_map(v), v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _loss_grad(loss_fn, selected, frozen, batch, model_state):
     return jax.grad(lambda s: _restricted_loss(loss_fn, s, frozen, batch, model_state))(selected)
 
@@ -73,6 +84,11 @@ class CurvatureProblem:
       curvature: ``hessian`` or ``gauss_newton``.
       model, model_state: the Flax module (needed for ``gauss_newton``, the closed-form head
         solver and the true-Fisher K-FAC) and its batch statistics.
+      reuse_linearization: for ``hessian``, the first :meth:`matvec` linearizes the gradient
+        at the problem's point (:func:`~privdebias_jax.influence.linearize_hvp`) and every
+        product reuses it (the problem is immutable): each product then costs only the
+        tangent pass. ``False`` recomputes the full forward-over-reverse product each time
+        (no residuals kept in memory).
     """
 
     loss_fn: Callable[..., jax.Array]
@@ -85,6 +101,7 @@ class CurvatureProblem:
     model: nn.Module | None
     model_state: ModelState | None
     select: PathFilter
+    reuse_linearization: bool = True
 
     @property
     def num_params(self) -> int:
@@ -101,19 +118,26 @@ class CurvatureProblem:
             return None
         return _gn_product(self.model)
 
+    @functools.cached_property
+    def linear_hvp(self) -> Callable[[Tree], Tree]:
+        """``v ↦ ∇²_S L v`` linearized once at the problem's point and batch (a ``Partial``;
+        see :func:`~privdebias_jax.influence.linearize_hvp`), computed on first use."""
+        return _linearized_hvp(self.loss_fn, self.selected, self.frozen, self.batch, self.model_state)
+
+    def _product(self, damping: float, v: Tree) -> Tree:
+        d = jnp.asarray(damping, jnp.float32)
+        if self.curvature == "hessian" and self.reuse_linearization:
+            return _apply_damped(self.linear_hvp, d, v)
+        return _damped_hvp(self.loss_fn, self._curvature_fn(), d, self.selected, self.frozen, self.batch,
+                           self.model_state, v)
+
     def matvec(self, v: Tree) -> Tree:
         """``H_λ v`` for ``v`` shaped like ``selected``."""
-        return _damped_hvp(
-            self.loss_fn, self._curvature_fn(), jnp.asarray(self.damping, jnp.float32),
-            self.selected, self.frozen, self.batch, self.model_state, v,
-        )
+        return self._product(self.damping, v)
 
     def undamped_matvec(self, v: Tree) -> Tree:
         """``(H_λ − λI) v``."""
-        return _damped_hvp(
-            self.loss_fn, self._curvature_fn(), jnp.zeros((), jnp.float32),
-            self.selected, self.frozen, self.batch, self.model_state, v,
-        )
+        return self._product(0.0, v)
 
     def gradient(self, batch: Batch | Dataset | None = None) -> dict[str, Any]:
         """``∇_{θ_S} loss_fn(θ, batch)`` (the problem's own batch when None)."""
@@ -163,12 +187,14 @@ def make_problem(
     curvature: str = "hessian",
     model: nn.Module | None = None,
     model_state: ModelState | None = None,
+    reuse_linearization: bool = True,
 ) -> CurvatureProblem:
     """Build a :class:`CurvatureProblem`.
 
     ``batch`` may be a :class:`Dataset` (taken whole, mask of ones). For
     ``curvature="gauss_newton"`` the model is required and the loss is taken to be the mean
-    cross-entropy of its logits.
+    cross-entropy of its logits. ``reuse_linearization`` (``hessian`` only): products reuse one
+    linearization of the gradient at ``params`` (see :class:`CurvatureProblem`).
 
     Raises:
       PrivDebiasError: negative or non-finite damping, unknown curvature, a filter that
@@ -189,6 +215,7 @@ def make_problem(
         loss_fn=loss_fn, params=params, batch=batch, selected=selected, frozen=frozen,
         damping=damping, curvature=curvature, model=model,
         model_state=model_state if model_state else None, select=select,
+        reuse_linearization=bool(reuse_linearization),
     )
 
 

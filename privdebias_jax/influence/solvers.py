@@ -38,7 +38,9 @@ from privdebias_jax.influence.hvp import dense_hessian, matrix_from_products
 from privdebias_jax.influence.params import merge_params
 from privdebias_jax.influence.problem import (
     CurvatureProblem,
+    _apply_damped,
     _damped_hvp,
+    _linearized_hvp,
     _restricted_loss,
     iterate_per_example_grads,
 )
@@ -248,8 +250,9 @@ def linear_head(head: str = "head") -> InverseHVPSolver:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "curvature_fn", "maxiter"))
-def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, b, tol, *, maxiter: int):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "curvature_fn", "maxiter", "reuse"))
+def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, b, tol, *, maxiter: int,
+                reuse: bool = True):
     """Conjugate gradient from ``x₀ = 0`` as one compiled ``lax.while_loop`` (one HVP per iteration).
 
     Returns ``(x, iterations, converged, negative_curvature)``: stops once ``‖r‖ ≤ tol ‖b‖``,
@@ -257,10 +260,17 @@ def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_s
     ``pᵀ H_λ p ≤ 0`` or a non-finite curvature.
     """
     unravel = ravel_pytree(selected)[1]
+    if curvature_fn is None and reuse:
+        # One linearization of the gradient before the loop: each iteration runs only the
+        # tangent pass (the forward and backward pass at θ are the same every iteration).
+        linear_map = _linearized_hvp(loss_fn, selected, frozen, batch, model_state)
 
-    def mv(x):
-        hv = _damped_hvp(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, unravel(x))
-        return ravel_pytree(hv)[0]
+        def mv(x):
+            return ravel_pytree(_apply_damped(linear_map, damping, unravel(x)))[0]
+    else:
+        def mv(x):
+            hv = _damped_hvp(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, unravel(x))
+            return ravel_pytree(hv)[0]
 
     bnorm = jnp.linalg.norm(b)
 
@@ -306,6 +316,7 @@ def cg(tol: float = 1e-6, maxiter: int = 200) -> InverseHVPSolver:
         x, it, converged, negative = _cg_program(
             problem.loss_fn, problem._curvature_fn(), jnp.asarray(problem.damping, jnp.float32), problem.selected,
             problem.frozen, problem.batch, problem.model_state, vf, jnp.asarray(tol, vf.dtype), maxiter=int(maxiter),
+            reuse=problem.reuse_linearization,
         )
         flags: dict[str, Any] = {"negative_curvature": True} if bool(negative) else {}
         return _finish("cg", problem, vf, x, int(it), t0, bool(converged), flags)

@@ -10,6 +10,11 @@ linear layer is called ``head``.
 | ``simple_conv``| ConvNet | Bahng et al.'s SimpleConvNet: kernel 7, 16-32-64-128, BN      |
 | ``small_cnn`` | ConvNet  | CPU default: kernel 3, 16-32-64-128, strides 1-2-2-2, no norm |
 | ``resnet``    | ResNet   | ResNet-8 (1, 1, 1) × (16, 32, 64), group norm                 |
+
+Convolutional models take ``conv="auto"|"xla"|"im2col"`` (:mod:`privdebias_jax.models.conv`):
+``auto`` writes kernels up to 3×3 as patches × matrix on the CPU backend, where XLA's own
+convolution gradients are slow, and keeps XLA's convolution on GPU/TPU; the parameters are the
+same whichever is used.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from privdebias_jax.models.cnn import NORMS, ConvNet
+from privdebias_jax.models.conv import CONV_IMPLS, im2col_conv
 from privdebias_jax.models.mlp import MLP
 from privdebias_jax.models.resnet import ResNet
 from privdebias_jax.types import ModelState, Params, PrivDebiasError, PRNGKey
@@ -53,6 +59,8 @@ def create_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if "norm" in kwargs and kwargs["norm"] not in NORMS:
         raise PrivDebiasError(f"model {name!r}: unknown norm {kwargs['norm']!r}; expected one of {NORMS}")
+    if "conv" in kwargs and kwargs["conv"] not in CONV_IMPLS:
+        raise PrivDebiasError(f"model {name!r}: unknown convolution implementation {kwargs['conv']!r}; expected one of {CONV_IMPLS}")
     if cls is ConvNet and len(kwargs["strides"]) != len(kwargs["widths"]):
         raise PrivDebiasError(
             f"model {name!r}: strides {tuple(kwargs['strides'])} and widths {tuple(kwargs['widths'])} "
@@ -83,4 +91,4 @@ def count_params(params: Params) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["MLP", "ConvNet", "ResNet", "MODEL_DEFAULTS", "create_model", "init_model", "count_params"]
+__all__ = ["CONV_IMPLS", "im2col_conv", "MLP", "ConvNet", "ResNet", "MODEL_DEFAULTS", "create_model", "init_model", "count_params"]

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from privdebias_jax.models.conv import conv_kwargs
+
 NORMS = ("batch", "group", "layer", "none")
 
 
@@ -53,6 +55,9 @@ class ConvNet(nn.Module):
       kernel_size: square kernel side (7 in Bahng et al.).
       strides: stride per conv layer (same length as ``widths``).
       norm: ``batch``, ``group``, ``layer`` or ``none``.
+      conv: convolution implementation, ``auto`` (im2col on the CPU for kernels up to 3×3,
+        XLA's convolution elsewhere), ``xla`` or ``im2col``
+        (:mod:`privdebias_jax.models.conv`); the parameters are the same for all three.
     """
 
     num_classes: int
@@ -60,6 +65,7 @@ class ConvNet(nn.Module):
     kernel_size: int = 7
     strides: Sequence[int] = (1, 1, 1, 1)
     norm: str = "batch"
+    conv: str = "auto"
 
     @nn.compact
     def __call__(
@@ -67,10 +73,12 @@ class ConvNet(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         if len(self.strides) != len(self.widths):
             raise ValueError(f"strides {tuple(self.strides)} and widths {tuple(self.widths)} differ in length")
+        ksize = (self.kernel_size, self.kernel_size)
+        conv = conv_kwargs(self.conv, ksize)
         h = x
         for i, (width, stride) in enumerate(zip(self.widths, self.strides, strict=False)):
-            h = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=(stride, stride),
-                        padding="SAME", use_bias=self.norm == "none", name=f"conv_{i}")(h)
+            h = nn.Conv(width, ksize, strides=(stride, stride), padding="SAME",
+                        use_bias=self.norm == "none", name=f"conv_{i}", **conv)(h)
             h = nn.relu(apply_norm(self.norm, f"norm_{i}", h, train, mask))
         features = jnp.mean(h, axis=(1, 2))
         logits = nn.Dense(self.num_classes, name="head")(features)
