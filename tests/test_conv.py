@@ -9,7 +9,15 @@ import pytest
 from jax import lax
 
 from privdebias_jax.models import create_model, init_model
-from privdebias_jax.models.conv import conv_function, conv_kwargs, im2col_conv
+from privdebias_jax.models.conv import (
+    AUTO_MAX_PATCH_ELEMENTS,
+    auto_conv,
+    conv_function,
+    conv_kwargs,
+    hybrid_conv,
+    im2col_conv,
+    patch_elements,
+)
 from privdebias_jax.types import PrivDebiasError
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -24,6 +32,11 @@ def _reference(x, k, strides, padding):
 def _ours(x, k, strides, padding):
     dn = lax.conv_dimension_numbers(x.shape, k.shape, DN)
     return im2col_conv(x, k, strides, padding, dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+
+
+def _hybrid(x, k, strides, padding):
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, DN)
+    return hybrid_conv(x, k, strides, padding, dimension_numbers=dn, precision=lax.Precision.HIGHEST)
 
 
 CASES = [
@@ -49,19 +62,20 @@ def test_im2col_matches_xla_forward_gradients_and_hvp(xs, ks, strides, padding):
         # The output, reverse mode (input and kernel gradients) through a nonlinear scalar, and
         # forward-over-reverse in the kernel (the influence engine's HVP), for both convolutions.
         res = []
-        for conv in (_ours, _reference):
+        for conv in (_ours, _hybrid, _reference):
             def scalar(x, k, conv=conv):
                 return jnp.sum(jnp.tanh(conv(x, k, strides, padding)) * c)
             hv = jax.jvp(jax.grad(lambda kk, scalar=scalar: scalar(x, kk)), (k,), (v,))[1]
             res.append((conv(x, k, strides, padding), *jax.grad(scalar, argnums=(0, 1))(x, k), hv))
         return res
 
-    ours, ref = everything(x, k, v)
-    assert ours[0].shape == ref[0].shape
-    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(ours[1:3], ref[1:3], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ours[3], ref[3], rtol=1e-3, atol=1e-3)
+    *outs, ref = everything(x, k, v)
+    for ours in outs:  # im2col, then the hybrid (XLA's value, im2col's derivatives)
+        assert ours[0].shape == ref[0].shape
+        np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(ours[1:3], ref[1:3], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ours[3], ref[3], rtol=1e-3, atol=1e-3)
 
 
 def test_im2col_under_vmap_over_models_matches_xla():
@@ -116,7 +130,21 @@ def test_auto_resolution_and_bad_input():
     assert conv_function("xla", (3, 3)) is None
     assert conv_function("im2col", (7, 7)) is im2col_conv
     on_cpu = jax.default_backend() == "cpu"
-    assert (conv_function("auto", (3, 3)) is im2col_conv) == on_cpu
+    assert (conv_function("auto", (3, 3)) is auto_conv) == on_cpu
+    assert conv_function("hybrid", (3, 3)) is hybrid_conv
+    # auto_conv: im2col while the patch tensor is small, the hybrid (a custom_jvp) above.
+    k = jnp.zeros((3, 3, 16, 32))
+    small, large = (8, 14, 14, 16), (64, 28, 28, 16)
+    assert patch_elements(small, k.shape, (2, 2)) == 8 * 7 * 7 * 9 * 16 <= AUTO_MAX_PATCH_ELEMENTS
+    assert patch_elements(large, k.shape, (1, 1)) > AUTO_MAX_PATCH_ELEMENTS
+
+    def traced(shape, s):
+        x = jnp.zeros(shape)
+        dn = lax.conv_dimension_numbers(x.shape, k.shape, DN)
+        return str(jax.make_jaxpr(lambda a: auto_conv(a, k, (s, s), "SAME", dimension_numbers=dn))(x))
+
+    assert "custom_jvp_call" not in traced(small, 2) and "dot_general" in traced(small, 2)
+    assert "custom_jvp_call" in traced(large, 1)
     assert conv_function("auto", (7, 7)) is None  # 49 taps: the patch tensor would be 49× the input
     assert conv_kwargs("xla", (3, 3)) == {}
     with pytest.raises(PrivDebiasError, match="unknown convolution implementation 'fft'"):

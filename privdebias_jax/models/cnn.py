@@ -55,9 +55,10 @@ class ConvNet(nn.Module):
       kernel_size: square kernel side (7 in Bahng et al.).
       strides: stride per conv layer (same length as ``widths``).
       norm: ``batch``, ``group``, ``layer`` or ``none``.
-      conv: convolution implementation, ``auto`` (im2col on the CPU for kernels up to 3×3,
-        XLA's convolution elsewhere), ``xla`` or ``im2col``
-        (:mod:`privdebias_jax.models.conv`); the parameters are the same for all three.
+      conv: convolution implementation, ``auto`` (on the CPU for kernels up to 3×3: im2col,
+        or XLA's forward with im2col derivatives for large patch tensors; XLA's convolution
+        elsewhere), ``xla``, ``im2col`` or ``hybrid`` (:mod:`privdebias_jax.models.conv`); the
+        parameters are the same for all.
     """
 
     num_classes: int

@@ -52,8 +52,8 @@ class ResNet(nn.Module):
       stage_sizes: residual blocks per stage.
       widths: channels per stage (the first block of stages after the first has stride 2).
       norm: ``batch``, ``group``, ``layer`` or ``none``.
-      conv: convolution implementation, ``auto``, ``xla`` or ``im2col``
-        (:mod:`privdebias_jax.models.conv`; ``auto`` is im2col on the CPU).
+      conv: convolution implementation, ``auto``, ``xla``, ``im2col`` or ``hybrid``
+        (:mod:`privdebias_jax.models.conv`; ``auto`` is im2col-based on the CPU).
     """
 
     num_classes: int
