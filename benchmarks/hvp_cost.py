@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/hvp_cost.py                       # full run, ~2 minutes on 2 CPU cores
+    python benchmarks/hvp_cost.py                       # full run, ~5 minutes on 2 CPU cores
     python benchmarks/hvp_cost.py --quick               # smoke run: batch 32, 1 repeat, ~20 s
     python benchmarks/hvp_cost.py --out PATH            # default benchmarks/results/hvp_cost.json
     python benchmarks/hvp_cost.py --batch-size 4096 --image-size 28   # scale up (GPU)

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/torch_reference.py            # full run, ~3.5 minutes on 2 idle CPU cores
+    python benchmarks/torch_reference.py            # full run, ~9 minutes on 2 idle CPU cores
     python benchmarks/torch_reference.py --quick    # smoke run: batch 32, 1 repeat, no XLA-flag probes
     python benchmarks/torch_reference.py --out PATH # default benchmarks/results/torch_reference.json
 
