@@ -57,6 +57,12 @@ def _is_nhwc(lhs_ndim: int, dimension_numbers: Any) -> bool:
     return tuple(dimension_numbers) == _NHWC
 
 
+def _conv_args_supported(lhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
+    """NHWC/HWIO, no dilation, one feature group: what im2col handles (else XLA's convolution)."""
+    dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
+    return not dilated and feature_group_count == 1 and _is_nhwc(lhs.ndim, dimension_numbers)
+
+
 def im2col_conv(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -78,8 +84,7 @@ def im2col_conv(
     pairs). Anything else (dilation, feature groups, other layouts) is passed on to
     ``lax.conv_general_dilated`` unchanged, so the function is always a correct convolution.
     """
-    dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
-    if dilated or feature_group_count != 1 or not _is_nhwc(lhs.ndim, dimension_numbers):
+    if not _conv_args_supported(lhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count):
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -146,11 +151,6 @@ def _hybrid_jvp(strides, pads, precision, primals, tangents):
 _hybrid.defjvp(_hybrid_jvp, symbolic_zeros=True)
 
 
-def _conv_args_supported(lhs, dimension_numbers, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
-    dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
-    return not dilated and feature_group_count == 1 and _is_nhwc(lhs.ndim, dimension_numbers)
-
-
 def hybrid_conv(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -185,7 +185,8 @@ def hybrid_conv(
 
 
 def patch_elements(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int]) -> int:
-    """Elements of im2col's patch tensor: ``N · ⌈H/s_h⌉ · ⌈W/s_w⌉ · k_h · k_w · C_in``."""
+    """Elements of im2col's patch tensor under ``"SAME"`` padding (an upper bound for
+    ``"VALID"``): ``N · ⌈H/s_h⌉ · ⌈W/s_w⌉ · k_h · k_w · C_in``."""
     n, h, w, cin = lhs_shape
     kh, kw = rhs_shape[:2]
     sh, sw = window_strides
