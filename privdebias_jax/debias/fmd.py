@@ -50,7 +50,7 @@ from privdebias_jax.influence import (
 from privdebias_jax.influence.influence import NewtonUpdate
 from privdebias_jax.influence.params import PathFilter, merge_params
 from privdebias_jax.influence.solvers import Diagnostics
-from privdebias_jax.metrics.fairness import counterfactual_bias_from_logits
+from privdebias_jax.metrics.fairness import _counterfactual_gaps, counterfactual_bias_from_logits
 from privdebias_jax.train import TrainState, apply_model, make_loss_fn, predict
 from privdebias_jax.types import PrivDebiasError, PRNGKey
 
@@ -339,10 +339,18 @@ def fmd_debias(
         t0 = time.perf_counter()
         problem = make_problem(loss_fn, work_state.params, both_w, select=work_select, damping=damping,
                                model=work_model, model_state=ms)
-        sel, hist = _proximal_newton(
-            loss_fn, problem.selected, problem.frozen, problem.batch, ms, jnp.float32(proximal),
-            iterations=int(newton_iterations), cg_iterations=int(cg_iterations),
-        )
+        if fast:  # closed-form products of the linear softmax head on the cached features
+            head = work_state.params["head"]
+            kernel, bias, hist = _proximal_newton_head(
+                head["kernel"], head["bias"], jnp.asarray(both_w.x), jnp.asarray(both_w.y), jnp.float32(proximal),
+                iterations=int(newton_iterations), cg_iterations=int(cg_iterations),
+            )
+            sel = {"head/kernel": kernel, "head/bias": bias}
+        else:
+            sel, hist = _proximal_newton(
+                loss_fn, problem.selected, problem.frozen, problem.batch, ms, jnp.float32(proximal),
+                iterations=int(newton_iterations), cg_iterations=int(cg_iterations),
+            )
         hist = jax.device_get(hist)
         steps_done = int(hist["steps_done"])
         report["newton_history"] = [
@@ -366,11 +374,18 @@ def fmd_debias(
         t0 = time.perf_counter()
         update = newton_update(problem, ext_w, ext_cf, solver=solver_obj, prepared=prepared)
     # choose the step on the external set
+    multipliers = sorted({0.0, *(float(x) for x in step_sizes)})  # step 0 = keep the model
+    if fast:  # every candidate's logits on the cached features in one compiled call
+        head, dhead = work_state.params["head"], merge_params(update.delta, {})["head"]
+        biases, accs = jax.device_get(_head_candidates(
+            head["kernel"], head["bias"], dhead["kernel"], dhead["bias"], jnp.asarray(multipliers, jnp.float32),
+            jnp.asarray(both_w.x), jnp.asarray(both_w.y)))
+        scores = [(float(b), float(acc)) for b, acc in zip(biases, accs, strict=True)]
     candidates = []
-    for m in sorted({0.0, *(float(x) for x in step_sizes)}):  # step 0 = keep the model
+    for j, m in enumerate(multipliers):
         sel = jax.tree_util.tree_map(lambda p, d, m=m: p + m * d, problem.selected, update.delta)
         params = problem.with_selected(sel)
-        b, acc = _bias_and_accuracy(work_model, params, ms, both_w)
+        b, acc = scores[j] if fast else _bias_and_accuracy(work_model, params, ms, both_w)
         candidates.append({"step": float(m), "bias_external": b, "acc_external": acc, "params": params})
     ok = [c for c in candidates if c["acc_external"] >= acc_before - max_acc_drop]  # never empty: step 0
     best = min(ok, key=lambda c: (c["bias_external"], c["step"]))
@@ -405,11 +420,7 @@ def _proximal_newton(loss_fn, selected0, frozen, batch, model_state, mu, *, iter
     loss is convex in ``s`` (the last layer under cross-entropy), so the iterates converge to
     its unique minimiser. Returns the subset and a history (value, gradient norm, step).
     """
-    tmap = jax.tree_util.tree_map
     leaves = jax.tree_util.tree_leaves
-
-    def vdot(a, b):
-        return sum(jnp.vdot(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
 
     def f(s):
         prox = sum(jnp.sum((x - y) ** 2) for x, y in zip(leaves(s), leaves(selected0), strict=True))
@@ -418,6 +429,80 @@ def _proximal_newton(loss_fn, selected0, frozen, batch, model_state, mu, *, iter
         return value + 0.5 * mu * prox
 
     grad = jax.grad(f)
+    return _newton_cg(f, grad, lambda s: (lambda v: jax.jvp(grad, (s,), (v,))[1]), selected0,
+                      iterations=iterations, cg_iterations=cg_iterations)
+
+
+@functools.partial(jax.jit, static_argnames=("iterations", "cg_iterations"))
+def _proximal_newton_head(kernel0, bias0, features, labels, mu, *, iterations: int, cg_iterations: int):
+    """:func:`_proximal_newton` for a linear softmax head on fixed features, in closed form.
+
+    ``F(W, b) = (1/n) Σ_i CE(h_i W + b, y_i) + (μ/2)(‖W − W⁰‖² + ‖b − b⁰‖²)``; with
+    ``P = softmax(Z)`` over the classes, the gradient is ``(Rᵀ H, Σ_i R_i)`` for
+    ``R = (P − onehot(y))/n`` and the Hessian-vector product of ``(V, v)`` is
+    ``(Rᵀ H + μV, Σ_i R_i + μv)`` for ``U = HV + v``, ``R = (P ⊙ U − P ⊙ (P ⊙ U)1)/n`` (the
+    softmax Jacobian). Everything is kept class-major (``Wᵀ`` is ``C × F``, ``Zᵀ`` is ``C × n``):
+    XLA's CPU matrix products with the small class dimension as rows run several times faster
+    than with it as columns, which is most of the cost of the CG iterations. Same iterations,
+    stopping rule and line search as the generic program; returns ``(W, b, history)``.
+    """
+    h = features.astype(jnp.float32)
+    h_t = h.T  # F × n
+    onehot_t = jax.nn.one_hot(labels, kernel0.shape[1], dtype=jnp.float32).T  # C × n
+    n = h.shape[0]
+    x0 = (kernel0.T, bias0)
+
+    def logits_t(x):
+        return x[0] @ h_t + x[1][:, None]
+
+    def f(x):
+        z = logits_t(x)
+        ce = jnp.sum(jax.nn.logsumexp(z, axis=0) - jnp.sum(onehot_t * z, axis=0)) / n
+        return ce + 0.5 * mu * (jnp.sum((x[0] - x0[0]) ** 2) + jnp.sum((x[1] - x0[1]) ** 2))
+
+    def grad(x):
+        r = (jax.nn.softmax(logits_t(x), axis=0) - onehot_t) / n
+        return (r @ h + mu * (x[0] - x0[0]), r.sum(1) + mu * (x[1] - x0[1]))
+
+    def hvp_at(x):
+        p = jax.nn.softmax(logits_t(x), axis=0)
+
+        def hvp(v):
+            pu = p * (v[0] @ h_t + v[1][:, None])
+            r = (pu - p * pu.sum(0, keepdims=True)) / n
+            return (r @ h + mu * v[0], r.sum(1) + mu * v[1])
+
+        return hvp
+
+    (w_t, b), hist = _newton_cg(f, grad, hvp_at, x0, iterations=iterations, cg_iterations=cg_iterations)
+    return w_t.T, b, hist
+
+
+@jax.jit
+def _head_candidates(kernel, bias, dkernel, dbias, multipliers, features, labels):
+    """``(B, accuracy)`` of the heads ``(W + m·ΔW, b + m·Δb)`` for every multiplier ``m``, on the
+    cached features of the external pairs (originals, then counterfactuals): the same numbers
+    :func:`_bias_and_accuracy` gives, one compiled call for all candidates."""
+    n = features.shape[0] // 2
+
+    def score(m):
+        logits = features @ (kernel + m * dkernel) + (bias + m * dbias)
+        gaps = _counterfactual_gaps(logits[:n], logits[n:])
+        return gaps.mean(), jnp.mean(jnp.argmax(logits[:n], axis=-1) == labels[:n])
+
+    return jax.vmap(score)(multipliers)
+
+
+def _newton_cg(f, grad, hvp_at, x0, *, iterations: int, cg_iterations: int):
+    """Damped Newton-CG on a pytree: ``d`` from ``cg_iterations`` CG steps on ``∇²F(x) d = ∇F(x)``
+    (``hvp_at(x)`` the product at ``x``), Armijo backtracking from 1 by halving down to 2⁻²⁰, at
+    most ``iterations`` steps, stopping once ``‖∇F‖ < 1e-5``. Returns ``(x, history)``."""
+    tmap = jax.tree_util.tree_map
+    leaves = jax.tree_util.tree_leaves
+
+    def vdot(a, b):
+        return sum(jnp.vdot(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
     hist0 = {"value": jnp.full((iterations + 1,), jnp.nan), "grad_norm": jnp.full((iterations + 1,), jnp.nan),
              "step": jnp.zeros((iterations + 1,))}
 
@@ -433,25 +518,25 @@ def _proximal_newton(loss_fn, selected0, frozen, batch, model_state, mu, *, iter
         return (i < iterations) & (norm(g) >= 1e-5)
 
     def body(carry):
-        i, s, value, g, h = carry
-        d, _ = jax.scipy.sparse.linalg.cg(lambda v: jax.jvp(grad, (s,), (v,))[1], g, maxiter=cg_iterations)
+        i, x, value, g, h = carry
+        d, _ = jax.scipy.sparse.linalg.cg(hvp_at(x), g, maxiter=cg_iterations)
         slope = vdot(g, d)
 
         def shorten(t):
             return t * 0.5
 
         def too_long(t):
-            return (f(tmap(lambda p, q: p - t * q, s, d)) > value - 1e-4 * t * jnp.maximum(slope, 0.0)) & (
+            return (f(tmap(lambda p, q: p - t * q, x, d)) > value - 1e-4 * t * jnp.maximum(slope, 0.0)) & (
                 t > 2.0**-20)
 
         t = jax.lax.while_loop(too_long, shorten, jnp.float32(1.0))
-        s = tmap(lambda p, q: p - t * q, s, d)
-        value, g = f(s), grad(s)
-        return i + 1, s, value, g, record(h, i + 1, value, norm(g), t)
+        x = tmap(lambda p, q: p - t * q, x, d)
+        value, g = f(x), grad(x)
+        return i + 1, x, value, g, record(h, i + 1, value, norm(g), t)
 
-    v0, g0 = f(selected0), grad(selected0)
-    i, s, _, _, h = jax.lax.while_loop(cond, body, (0, selected0, v0, g0, record(hist0, 0, v0, norm(g0), 0.0)))
-    return s, {**h, "steps_done": i}
+    v0, g0 = f(x0), grad(x0)
+    i, x, _, _, h = jax.lax.while_loop(cond, body, (0, x0, v0, g0, record(hist0, 0, v0, norm(g0), 0.0)))
+    return x, {**h, "steps_done": i}
 
 
 def _continue_newton(problem, update, modified: Dataset, solver_obj, steps: int, loss_fn, model, model_state):
