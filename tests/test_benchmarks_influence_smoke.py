@@ -56,6 +56,10 @@ def test_hvp_cost_quick(tmp_path):
             assert positive(e["hvp_over_grad"]) and positive(e["gnvp_over_grad"]), (name, subset)
             assert isinstance(e["meets_target"], bool)
             assert e["num_params"] > 0
+            # XLA's cost analysis: the HVP does more arithmetic than the gradient, which does more
+            # than the forward pass
+            fl = e["xla_flops"]
+            assert fl["hvp"] > fl["grad"] > fl["forward"] > 0 and e["hvp_over_grad_flops"] == fl["hvp"] / fl["grad"]
             # The HVP is a symmetric map and the library's matvec computes the same product.
             assert e["checks"]["hvp_symmetry_rel_err"] < 1e-3, (name, subset)
             assert e["checks"]["library_matvec_vs_hvp_rel_diff"] < 1e-4, (name, subset)
