@@ -289,18 +289,22 @@ def test_closed_form_head_program_follows_the_generic_newton_cg(trained):
     ds = Dataset(x=feats, y=both.y, a=both.a, idx=both.idx)
     head = state.params["head"]
     prob = make_problem(_default_loss(work), {"head": head}, ds, select=None, damping=0.01, model=work, model_state={})
-    for iterations, mu in [(3, 0.5), (30, 0.05)]:
+    for mu in (0.5, 0.05):  # one compilation per program (same static iteration cap)
         sel, hist = _proximal_newton(_default_loss(work), prob.selected, prob.frozen, prob.batch, {}, jnp.float32(mu),
-                                     iterations=iterations, cg_iterations=40)
+                                     iterations=30, cg_iterations=40)
         kernel, bias, hist2 = _proximal_newton_head(head["kernel"], head["bias"], jnp.asarray(feats),
-                                                    jnp.asarray(both.y), jnp.float32(mu), iterations=iterations,
+                                                    jnp.asarray(both.y), jnp.float32(mu), iterations=30,
                                                     cg_iterations=40)
-        done = int(hist["steps_done"])
-        if iterations < 30:  # step by step (converged runs may stop one step apart at ‖∇F‖ ≈ 1e-5)
-            assert int(hist2["steps_done"]) == done == iterations
-            np.testing.assert_allclose(np.asarray(hist2["value"]), np.asarray(hist["value"]), rtol=1e-4)
-        else:
-            assert done < 30 and float(hist2["grad_norm"][int(hist2["steps_done"])]) < 1e-4
+        done, done2 = int(hist["steps_done"]), int(hist2["steps_done"])
+        # both converge; they may stop one step apart where ‖∇F‖ crosses 1e-5 in float32
+        assert abs(done - done2) <= 1 and max(done, done2) < 30
+        assert float(hist["grad_norm"][done]) < 1e-4 and float(hist2["grad_norm"][done2]) < 1e-4
+        if mu == 0.5:  # well conditioned: the same iterates, step by step
+            k = min(done, done2)
+            assert k >= 3
+            np.testing.assert_allclose(np.asarray(hist2["value"])[: k + 1], np.asarray(hist["value"])[: k + 1],
+                                       rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(hist2["step"])[: k + 1], np.asarray(hist["step"])[: k + 1])
         np.testing.assert_allclose(np.asarray(kernel), np.asarray(sel["head/kernel"]), rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(np.asarray(bias), np.asarray(sel["head/bias"]), rtol=1e-3, atol=1e-4)
     dk, db = kernel - head["kernel"], bias - head["bias"]
