@@ -221,6 +221,9 @@ def fmd_debias(
       feature_cache: with ``select="^head/"`` and the default loss, compute the frozen
         backbone's features once and run every step on the linear head alone (exact: the
         backbone does not change); otherwise every product runs through the whole model.
+        There the iterated external mode runs its Newton-CG in closed form on the head
+        (:func:`_proximal_newton_head`, the same steps as the generic program) and scores
+        every step candidate in one compiled call.
 
     Returns:
       :class:`FMDResult` with the new state (only the subset differs) and a report: bias and
