@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proximal", type=float, help="μ > 0 of the iterated external mode (keeps the head near the model)"
     )
     p.add_argument(
-        "--solver", help="inverse-HVP solver: exact, linear_head, cg, lissa, arnoldi, kfac, ekfac"
+        "--solver", help="inverse-HVP solver: exact, linear_head, cg, pcg, lissa, arnoldi, kfac, ekfac"
     )
     p.add_argument(
         "--select", help="parameter subset to update (regex on paths; '^head/' = last layer)"
