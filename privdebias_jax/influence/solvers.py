@@ -318,25 +318,35 @@ def cg(tol: float = 1e-6, maxiter: int = 200) -> InverseHVPSolver:
     Stops when ``‖r‖ ≤ tol ‖v‖`` or after ``maxiter`` iterations. A direction with
     ``pᵀ H_λ p ≤ 0`` (negative curvature) stops the run with ``flags["negative_curvature"]``.
     """
-    if tol <= 0 or maxiter < 1:
-        raise PrivDebiasError(f"cg needs tol > 0 and maxiter ≥ 1, got tol={tol}, maxiter={maxiter}")
+    return _cg_solver("cg", tol, maxiter, lambda problem: {"problem": problem})
 
-    def prepare(problem: CurvatureProblem):
-        return {"problem": problem}
+
+def _cg_solver(name: str, tol: float, maxiter: int, prepare: Callable[[CurvatureProblem], dict],
+               preconditioner: str | None = None) -> InverseHVPSolver:
+    """``cg`` and ``pcg`` share this: ``prepare`` gives the state (``pcg``'s holds the K-FAC
+    factors, used as the preconditioner when ``preconditioner`` is set), ``solve`` runs
+    :func:`_cg_program` and reports its diagnostics."""
+    if tol <= 0 or maxiter < 1:
+        raise PrivDebiasError(f"{name} needs tol > 0 and maxiter ≥ 1, got tol={tol}, maxiter={maxiter}")
 
     def solve(state, v):
         t0 = time.perf_counter()
         problem = state["problem"]
         vf = _check_rhs(problem, v)
+        pre = {} if preconditioner is None else dict(
+            pre_blocks=state["blocks"], pre_diags=state["diags"], pre_layers=tuple(state["layers"]),
+            pre_others=tuple(state["others"]))
         x, it, converged, negative = _cg_program(
             problem.loss_fn, problem._curvature_fn(), jnp.asarray(problem.damping, jnp.float32), problem.selected,
             problem.frozen, problem.batch, problem.model_state, vf, jnp.asarray(tol, vf.dtype), maxiter=int(maxiter),
-            reuse=problem.reuse_linearization,
+            reuse=problem.reuse_linearization, **pre,
         )
-        flags: dict[str, Any] = {"negative_curvature": True} if bool(negative) else {}
-        return _finish("cg", problem, vf, x, int(it), t0, bool(converged), flags)
+        flags: dict[str, Any] = {} if preconditioner is None else {"preconditioner": preconditioner}
+        if bool(negative):
+            flags["negative_curvature"] = True
+        return _finish(name, problem, vf, x, int(it), t0, bool(converged), flags)
 
-    return InverseHVPSolver("cg", prepare, solve)
+    return InverseHVPSolver(name, prepare, solve)
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,29 +683,8 @@ def pcg(preconditioner: str = "kfac", tol: float = 1e-6, maxiter: int = 200, fis
     """
     if preconditioner not in ("kfac", "ekfac"):
         raise PrivDebiasError(f"pcg preconditioner must be 'kfac' or 'ekfac', got {preconditioner!r}")
-    if tol <= 0 or maxiter < 1:
-        raise PrivDebiasError(f"pcg needs tol > 0 and maxiter ≥ 1, got tol={tol}, maxiter={maxiter}")
     inner = kronecker_factored(preconditioner == "ekfac", fisher, chunk_size)
-
-    def prepare(problem: CurvatureProblem):
-        return inner.prepare(problem)
-
-    def solve(state, v):
-        t0 = time.perf_counter()
-        problem = state["problem"]
-        vf = _check_rhs(problem, v)
-        x, it, converged, negative = _cg_program(
-            problem.loss_fn, problem._curvature_fn(), jnp.asarray(problem.damping, jnp.float32), problem.selected,
-            problem.frozen, problem.batch, problem.model_state, vf, jnp.asarray(tol, vf.dtype), state["blocks"],
-            state["diags"], maxiter=int(maxiter), reuse=problem.reuse_linearization,
-            pre_layers=tuple(state["layers"]), pre_others=tuple(state["others"]),
-        )
-        flags: dict[str, Any] = {"preconditioner": preconditioner}
-        if bool(negative):
-            flags["negative_curvature"] = True
-        return _finish("pcg", problem, vf, x, int(it), t0, bool(converged), flags)
-
-    return InverseHVPSolver("pcg", prepare, solve)
+    return _cg_solver("pcg", tol, maxiter, inner.prepare, preconditioner)
 
 
 def kfac(fisher: str = "true", chunk_size: int = 256) -> InverseHVPSolver:
