@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, machine_info, median, time_interleaved, write_result  # noqa: E402
 from privdebias_jax.augment import (  # noqa: E402
@@ -42,8 +43,9 @@ from privdebias_jax.augment import (  # noqa: E402
     make_schedule,
     sample_loop,
 )
-from privdebias_jax.augment.latent import decode, fit_pca_codec  # noqa: E402
+from privdebias_jax.augment.latent import decode, fit_colour_codec, fit_pca_codec  # noqa: E402
 from privdebias_jax.augment.schedule import ddim_step  # noqa: E402
+from privdebias_jax.data.mnist import colorize  # noqa: E402
 from privdebias_jax.models import create_model, init_model  # noqa: E402
 
 C = A = 10
@@ -64,8 +66,11 @@ def _random_params(denoiser, key, shape):
 def measure(config: AugmentConfig, batch: int, repeats: int, w: float = 2.0) -> dict:
     image = (config.image_size, config.image_size, 3)
     codec = None
-    if config.latent == "pca":  # the CPU default samples in the PCA latent, guidance decodes it
+    if config.latent == "pca":  # latent samplers: guidance decodes x̂₀ to images
         codec = fit_pca_codec(jax.random.uniform(jax.random.key(9), (64, *image), minval=-1, maxval=1), config.latent_dim)
+    elif config.latent == "colour":  # the CPU default: shape PCA + colour, fitted on random grey shapes in colours
+        gray = np.asarray(jax.random.uniform(jax.random.key(9), (64, *image[:2])))
+        codec = fit_colour_codec(2.0 * colorize(gray, np.arange(64) % 10, "foreground") - 1.0, config.latent_dim)
     shape = image if codec is None else (codec.latent_dim,)
     den = create_denoiser(config, C, A, 3)
     params = _random_params(den, jax.random.key(0), shape)

@@ -242,7 +242,7 @@ def test_planner_counts_reach_the_target_bias(prior):
 
 
 def test_resume_equals_uninterrupted_training(tmp_path):
-    cfg = AugmentConfig.tiny(epochs=3, checkpoint_every=1, batch_size=16)
+    cfg = AugmentConfig.tiny(epochs=3, checkpoint_every=1, batch_size=16, denoiser="mlp", latent="pca")  # on images
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, size=(48, 8, 8, 3)).astype(np.float32)
     y, a = rng.integers(0, 3, 48), rng.integers(0, 2, 48)
@@ -266,7 +266,7 @@ def test_resume_equals_uninterrupted_training(tmp_path):
 
 
 def test_training_reduces_the_denoising_loss():
-    cfg = AugmentConfig.tiny(epochs=1, batch_size=16, learning_rate=3e-3, ema_decay=0.0)
+    cfg = AugmentConfig.tiny(epochs=1, batch_size=16, learning_rate=3e-3, ema_decay=0.0, denoiser="mlp", latent="pca")
     den = create_denoiser(cfg, 2, 2, 1)
     sched = make_schedule(cfg)
     tx = make_denoiser_optimizer(cfg)

@@ -21,14 +21,16 @@ from privdebias_jax.augment import (
     quality_report,
     save_sample_grid,
 )
+from privdebias_jax.augment.denoiser import FactoredDenoiser
 from privdebias_jax.augment.diffusion import (
     init_diffusion_state,
     make_denoiser_optimizer,
     make_diffusion_step,
 )
-from privdebias_jax.augment.latent import decode, encode, fit_pca_codec
+from privdebias_jax.augment.latent import decode, encode, fit_colour_codec, fit_pca_codec, project
 from privdebias_jax.augment.schedule import make_schedule
 from privdebias_jax.data import Dataset, biased_mnist, next_free_id
+from privdebias_jax.data.mnist import PALETTE, colorize
 from privdebias_jax.types import PrivDebiasError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,100 @@ def test_pca_latent_round_trip_and_whitening():
     np.testing.assert_allclose(rec, proj, atol=2e-5)
     with pytest.raises(PrivDebiasError, match="latent_dim"):
         fit_pca_codec(x, 17)
+
+
+@pytest.mark.parametrize("mode", ["foreground", "background"])
+def test_colour_latent_recovers_shape_and_colour(mode):
+    rng = np.random.default_rng(1)
+    gray = rng.uniform(0, 1, size=(60, 4, 4)).astype(np.float32)
+    a = rng.integers(0, 10, size=60)
+    x = 2.0 * colorize(gray, a, mode) - 1.0  # diffusion scale
+    codec = fit_colour_codec(x, 16)  # full rank on the 16 shape pixels: exact round trip
+    assert codec.mode == mode and codec.latent_dim == 19 and codec.shape_dim == 16
+    z = np.asarray(encode(codec, jnp.asarray(x)))
+    np.testing.assert_allclose(np.asarray(decode(codec, jnp.asarray(z))), x, atol=3e-5)
+    # the last 3 coordinates are the palette colour, standardised over the data
+    colour = z[:, 16:] * np.asarray(codec.colour_scale) + np.asarray(codec.colour_mean)
+    np.testing.assert_allclose(colour, PALETTE[a], atol=2e-5)
+    np.testing.assert_allclose(z[:, 16:].std(axis=0), 1.0, rtol=1e-3)
+    # the shape coordinates are the whitened PCA of 2g - 1 (numpy SVD)
+    rows = (2.0 * gray.reshape(60, 16) - 1.0).astype(np.float64)
+    _, sv, vt = np.linalg.svd(rows - rows.mean(0), full_matrices=False)
+    ref = (rows - rows.mean(0)) @ vt[:3].T / (sv[:3] / np.sqrt(60))
+    np.testing.assert_allclose(np.abs(z[:, :3]), np.abs(ref), atol=1e-3)  # up to the sign of each component
+    # recolouring in the latent = recolouring the image: shape part unchanged
+    z2 = np.asarray(encode(codec, jnp.asarray(2.0 * colorize(gray, (a + 3) % 10, mode) - 1.0)))
+    np.testing.assert_allclose(z2[:, :16], z[:, :16], atol=3e-5)
+
+
+@pytest.mark.parametrize("mode", ["foreground", "background"])
+def test_colour_projection_is_least_squares_given_the_reference_colour(mode):
+    rng = np.random.default_rng(3)
+    gray = rng.uniform(0, 1, size=(30, 4, 4)).astype(np.float32)
+    a = rng.integers(0, 10, size=30)
+    x = 2.0 * colorize(gray, a, mode) - 1.0
+    codec = fit_colour_codec(x, 16)
+    z = encode(codec, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(project(codec, z, jnp.asarray(x))), np.asarray(z), atol=3e-5)
+    # a perturbed image: the shape is the per-pixel least squares given z's colour (NumPy), the
+    # colour then the least squares given that shape
+    noisy = np.clip(x + 0.1 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
+    got = np.asarray(project(codec, z, jnp.asarray(noisy)))
+    x01, c = (noisy.astype(np.float64) + 1) / 2, PALETTE[a][:, None, None, :].astype(np.float64)
+    if mode == "foreground":
+        g = np.clip((x01 * c).sum(-1) / (c * c).sum(-1), 0, 1)
+        col = np.einsum("bhwc,bhw->bc", x01, g) / (g * g).sum((1, 2))[:, None]
+    else:
+        g = np.clip(((x01 - c) * (1 - c)).sum(-1) / ((1 - c) ** 2).sum(-1), 0, 1)
+        col = np.einsum("bhwc,bhw->bc", x01 - g[..., None], 1 - g) / ((1 - g) ** 2).sum((1, 2))[:, None]
+    zg = ((2 * g - 1).reshape(30, 16) - np.asarray(codec.mean)) @ np.asarray(codec.basis) / np.asarray(codec.scale)
+    want = np.concatenate([zg, (col - np.asarray(codec.colour_mean)) / np.asarray(codec.colour_scale)], axis=1)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    # the PCA codec's projection is its encoder
+    pca = fit_pca_codec(x, 4)
+    np.testing.assert_allclose(np.asarray(project(pca, None, jnp.asarray(noisy))),
+                               np.asarray(encode(pca, jnp.asarray(noisy))))
+
+
+def test_colour_latent_refuses_other_images():
+    rng = np.random.default_rng(2)
+    with pytest.raises(PrivDebiasError, match="one grey shape and one colour"):
+        fit_colour_codec(rng.uniform(-1, 1, size=(20, 4, 4, 3)), 4)
+    with pytest.raises(PrivDebiasError, match="RGB"):
+        fit_colour_codec(rng.uniform(-1, 1, size=(20, 4, 4, 1)), 4)
+    with pytest.raises(PrivDebiasError, match="colour mode"):
+        fit_colour_codec(2.0 * colorize(rng.uniform(size=(5, 4, 4)), np.zeros(5, int), "foreground") - 1.0, 4,
+                         mode="stripes")
+    with pytest.raises(PrivDebiasError, match="factored denoiser needs"):
+        AugmentConfig.cpu_default(latent="pca")
+
+
+def test_factored_denoiser_keeps_shape_and_colour_conditions_apart():
+    """ε_shape depends on the class only and ε_colour on the attribute only (p(g|y) p(c|a))."""
+    den = FactoredDenoiser(num_classes=3, num_attributes=4, split=5, width=16, depth=1, embed_dim=8, colour_width=8)
+    key = jax.random.key(0)
+    z = jax.random.normal(key, (6, 8))
+    t = jnp.arange(6) * 10
+    y = jnp.array([0, 1, 2, 0, 1, 3])  # 3 = null class token
+    a = jnp.array([0, 1, 2, 3, 4, 0])  # 4 = null attribute token
+    params = den.init(key, z, t, y, a)["params"]
+    # FiLM and output layers start at zero: perturb every parameter so the test sees real dependence
+    leaves, tree = jax.tree.flatten(params)
+    params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(jax.random.fold_in(key, i), p.shape)
+                                       for i, p in enumerate(leaves)])
+    out = den.apply({"params": params}, z, t, y, a)
+    other_a = den.apply({"params": params}, z, t, y, (a + 1) % 5)
+    other_y = den.apply({"params": params}, z, t, (y + 1) % 4, a)
+    np.testing.assert_array_equal(np.asarray(other_a[:, :5]), np.asarray(out[:, :5]))  # shape part ignores a
+    np.testing.assert_array_equal(np.asarray(other_y[:, 5:]), np.asarray(out[:, 5:]))  # colour part ignores y
+    assert np.abs(np.asarray(other_a[:, 5:] - out[:, 5:])).min() > 1e-4  # the colour follows a
+    assert np.abs(np.asarray(other_y[:, :5] - out[:, :5])).max() > 1e-3  # the shape follows y
+    # the colour half is the shape-free MLP on the colour coordinates alone
+    z2 = z.at[:, :5].set(0.0)
+    np.testing.assert_array_equal(np.asarray(den.apply({"params": params}, z2, t, y, a)[:, 5:]),
+                                  np.asarray(out[:, 5:]))
+    with pytest.raises(PrivDebiasError, match="split"):
+        den.apply({"params": params}, z[:, :5], t, y, a)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
 :func:`fit_augmenter` trains, on the real training set,
 
-* the class- and attribute-conditional denoiser (:mod:`privdebias_jax.augment.diffusion`), in
-  the per-channel PCA latent of the images (:mod:`privdebias_jax.augment.latent`) by default;
+* the class- and attribute-conditional denoiser (:mod:`privdebias_jax.augment.diffusion`), by
+  default in the shape/colour latent of the images (:mod:`privdebias_jax.augment.latent`) with
+  the shape conditioned on the class and the colour on the attribute;
 * two *guidance* classifiers (MLPs on the denoiser's resolution, differentiable on x̂₀),
   one for the class and one for the attribute;
 * two *judge* classifiers (small CNNs at the data's resolution, another seed and another
@@ -43,7 +44,15 @@ from privdebias_jax.augment.diffusion import (
     train_denoiser,
 )
 from privdebias_jax.augment.guidance import make_guidance_loss
-from privdebias_jax.augment.latent import PCACodec, decode, encode, fit_pca_codec
+from privdebias_jax.augment.latent import (
+    ColourCodec,
+    PCACodec,
+    decode,
+    encode,
+    fit_colour_codec,
+    fit_pca_codec,
+    project,
+)
 from privdebias_jax.augment.sampler import make_sampler
 from privdebias_jax.augment.schedule import Schedule, make_schedule
 from privdebias_jax.data.dataset import Dataset, validate_dataset
@@ -90,7 +99,8 @@ class Augmenter:
       num_classes, num_attributes: the label ranges.
       data_shape: ``(H, W, C)`` of the real samples (generated samples get the same shape).
       real_counts: ``(C, A)`` counts of the real training set.
-      codec: the PCA latent codec (``config.latent == "pca"``) or ``None`` (pixel space).
+      codec: the latent codec (shape/colour for ``config.latent == "colour"``, per-channel PCA
+        for ``"pca"``) or ``None`` (pixel space).
       info: training times and histories.
     """
 
@@ -106,7 +116,7 @@ class Augmenter:
     num_attributes: int
     data_shape: tuple[int, ...]
     real_counts: np.ndarray
-    codec: PCACodec | None = None
+    codec: PCACodec | ColourCodec | None = None
     info: dict = dataclasses.field(default_factory=dict)
     _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -114,7 +124,7 @@ class Augmenter:
         """The jitted scan sampler for these flags (built once, cached)."""
         flags = (bool(cfg), bool(kl), bool(stochastic))
         if flags not in self._samplers:
-            loss = None
+            loss, in_image = None, False
             if kl:
                 gc, ga = self.guide_class, self.guide_attr
 
@@ -124,30 +134,40 @@ class Augmenter:
                 def classify_attr(p, x):
                     return dataclasses.replace(ga, params=p).logits(x)
 
+                in_image = self.codec is not None and self.config.guidance_space == "image"
                 loss = make_guidance_loss(
                     classify_class, classify_attr, num_classes=self.num_classes,
                     class_weight=self.config.class_weight, smoothing=self.config.target_smoothing,
-                    decode=self.decode_images if self.codec is not None else None,
+                    decode=self.decode_images if self.codec is not None and not in_image else None,
                     group_by=self.config.guidance_groups,
                 )
             fn = make_sampler(
                 self.denoiser, self.schedule, image_shape=self.model_shape, num_classes=self.num_classes,
                 num_attributes=self.num_attributes, steps=self.config.sample_steps, cfg=cfg,
                 guidance_loss=loss, stochastic=stochastic, clip=1.0 if self.codec is None else self.codec.clip,
+                image_codec=(self.decode_images, self.project_images) if kl and in_image else None,
             )
             self._samplers[flags] = jax.jit(fn)
         return self._samplers[flags]
 
     @property
     def model_shape(self) -> tuple[int, ...]:
-        """The shape of one sample as the denoiser sees it: ``(S, S, C)`` or ``(C·k,)`` in the PCA latent."""
+        """The shape of one sample as the denoiser sees it: ``(S, S, C)``, or ``(latent_dim,)`` in a latent."""
         if self.codec is not None:
             return (self.codec.latent_dim,)
         return (self.config.image_size, self.config.image_size, int(self.data_shape[-1]))
 
     def decode_images(self, x: jax.Array) -> jax.Array:
-        """Denoiser samples → images ``(B, S, S, C)`` in the diffusion scale ``[−1, 1]`` (PCA decode or identity)."""
+        """Denoiser samples → images ``(B, S, S, C)`` in the diffusion scale ``[−1, 1]`` (latent decode or identity)."""
         return x if self.codec is None else decode(self.codec, x)
+
+    def encode_images(self, x: jax.Array) -> jax.Array:
+        """Images ``(B, S, S, C)`` in ``[−1, 1]`` → denoiser space (latent encode or identity)."""
+        return x if self.codec is None else encode(self.codec, x)
+
+    def project_images(self, z_ref: jax.Array, x: jax.Array) -> jax.Array:
+        """The latent of images ``x`` near ``decode_images(z_ref)`` (:func:`~privdebias_jax.augment.latent.project`)."""
+        return x if self.codec is None else project(self.codec, z_ref, x)
 
     @property
     def guide_params(self) -> tuple[Params, Params]:
@@ -266,8 +286,11 @@ def fit_augmenter(
     schedule = make_schedule(config)
     x_model = to_model_scale(np.asarray(resize_images(x, config.image_size)))
     codec = None
-    if config.latent == "pca":
-        codec = fit_pca_codec(x_model, config.latent_dim)
+    if config.latent in ("pca", "colour"):
+        if config.latent == "colour":
+            codec = fit_colour_codec(x_model, config.latent_dim)
+        else:
+            codec = fit_pca_codec(x_model, config.latent_dim)
         x_model = np.asarray(jax.jit(encode)(codec, jnp.asarray(x_model)))
     t0 = time.perf_counter()
     state, history = train_denoiser(

@@ -1,8 +1,10 @@
 """Settings of bias-guided diffusion augmentation: one frozen dataclass, :class:`AugmentConfig`.
 
-``AugmentConfig.cpu_default()`` is the embedded CPU configuration (a small FiLM-conditioned
-MLP denoiser in a per-channel PCA latent of 14×14 RGB images: trains in under 3 minutes on 2 cores, samples thousands of
-images in seconds); ``AugmentConfig.paper()`` is the full-size configuration for a GPU/TPU
+``AugmentConfig.cpu_default()`` is the embedded CPU configuration (two small FiLM-conditioned
+MLP denoisers in a shape/colour latent of 14×14 RGB images, the shape conditioned on the class
+and the colour on the attribute: trains in under 3 minutes on 2 cores, samples thousands of
+images in seconds; ``latent="pca", denoiser="mlp"`` for images that are not one shape in one
+colour); ``AugmentConfig.paper()`` is the full-size configuration for a GPU/TPU
 (diffusers' ``FlaxUNet2DConditionModel`` conditioned by cross-attention on learned class and
 attribute tokens, 28×28 or 32×32 inputs). Every field can be overridden with
 ``dataclasses.replace(config, field=value)``; :meth:`AugmentConfig.validate` names a bad one.
@@ -17,8 +19,8 @@ from typing import Any
 
 from privdebias_jax.types import PrivDebiasError
 
-DENOISERS = ("mlp", "conv", "unet")
-LATENTS = ("pca", "none")
+DENOISERS = ("factored", "mlp", "conv", "unet")
+LATENTS = ("colour", "pca", "none")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -29,13 +31,17 @@ class AugmentConfig:
     Attributes:
       image_size: side of the square images the denoiser sees; the real data is resized to it
         for training and the samples are resized back to the data's resolution.
-      denoiser: ``mlp`` (FiLM-conditioned residual MLP on the flattened image, the CPU
-        default), ``conv`` (a small FiLM-conditioned convolutional UNet) or ``unet``
+      denoiser: ``factored`` (two FiLM MLPs on the colour latent: the shape conditioned on
+        the class, the colour on the attribute; the CPU default), ``mlp`` (one FiLM-conditioned
+        residual MLP on the flattened latent or image, conditioned on both), ``conv`` (a small FiLM-conditioned convolutional UNet) or ``unet``
         (diffusers ``FlaxUNet2DConditionModel``, conditioning by cross-attention).
-      latent: ``pca`` (the ``mlp`` denoiser works in a per-channel PCA latent of
-        ``latent_dim`` components per channel, :mod:`privdebias_jax.augment.latent`) or
-        ``none`` (pixel space; required by ``conv`` and ``unet``).
-      latent_dim: PCA components per colour channel.
+      latent: ``colour`` (the default: a PCA latent of the grey shape, ``latent_dim``
+        components, plus the RGB colour, for images made of one grey shape and one colour such
+        as the embedded Colored-/Biased-MNIST; other data raises at fit time), ``pca`` (a
+        per-channel PCA latent of ``latent_dim`` components per channel, any images), both in
+        :mod:`privdebias_jax.augment.latent`, or ``none`` (pixel space; required by ``conv``
+        and ``unet``).
+      latent_dim: PCA components of the shape (``colour``) or per colour channel (``pca``).
       width: hidden width of the ``mlp`` denoiser / base channels of ``conv``.
       depth: residual blocks of the ``mlp`` denoiser / levels of ``conv``.
       embed_dim: size of the learned class and attribute embeddings (and time embedding).
@@ -54,6 +60,9 @@ class AugmentConfig:
       guidance_scale: classifier-free guidance weight ``w`` (1 = no guidance).
       kl_scale: step size of the KL-gradient guidance on x̂₀ (0 = none).
       class_weight: weight of the class-consistency term inside the guidance loss.
+      guidance_space: where a latent denoiser takes the KL-guidance step: ``image`` (on the
+        decoded x̂₀, then re-encoded: the latent moves by the projection of the image step) or
+        ``latent`` (the gradient with respect to the latent itself).
       guidance_groups: ``cell`` (the KL is taken per requested (y, a) cell) or ``class``
         (per requested class: seed 000's partial bias; see :mod:`privdebias_jax.augment.guidance`).
       target_smoothing: δ in the smoothed target ``(1 − δ) π + δ / A`` of the guidance KL.
@@ -66,8 +75,8 @@ class AugmentConfig:
     """
 
     image_size: int = 14
-    denoiser: str = "mlp"
-    latent: str = "pca"
+    denoiser: str = "factored"
+    latent: str = "colour"
     latent_dim: int = 48
     width: int = 512
     depth: int = 3
@@ -87,8 +96,9 @@ class AugmentConfig:
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
     guidance_scale: float = 2.0
-    kl_scale: float = 3.0
+    kl_scale: float = 5.0
     class_weight: float = 1.0
+    guidance_space: str = "image"
     guidance_groups: str = "cell"
     target_smoothing: float = 0.01
     classifier_epochs: int = 6
@@ -146,13 +156,18 @@ class AugmentConfig:
             raise PrivDebiasError(f"unknown denoiser {self.denoiser!r}; expected one of {DENOISERS}")
         if self.latent not in LATENTS:
             raise PrivDebiasError(f"unknown latent {self.latent!r}; expected one of {LATENTS}")
-        if self.latent == "pca" and self.denoiser != "mlp":
+        if self.latent != "none" and self.denoiser not in ("mlp", "factored"):
             raise PrivDebiasError(f"the {self.denoiser} denoiser works on images: use latent='none' with it")
+        if self.denoiser == "factored" and self.latent != "colour":
+            raise PrivDebiasError("the factored denoiser needs the shape/colour latent: use latent='colour' with it "
+                                  "(or denoiser='mlp' for latent='pca')")
         bad_dim = isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int)
         if bad_dim or not 1 <= self.latent_dim <= self.image_size**2:
             raise PrivDebiasError(
                 f"AugmentConfig.latent_dim must be in [1, image_size²] = [1, {self.image_size**2}], got {self.latent_dim!r}"
             )
+        if self.guidance_space not in ("image", "latent"):
+            raise PrivDebiasError(f"unknown guidance_space {self.guidance_space!r}; expected 'image' or 'latent'")
         if self.guidance_groups not in ("cell", "class"):
             raise PrivDebiasError(f"unknown guidance_groups {self.guidance_groups!r}; expected 'cell' or 'class'")
         if self.beta_schedule not in BETA_SCHEDULES:

@@ -18,6 +18,9 @@ flow back into the latent (KL guidance).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,8 +69,10 @@ def fit_pca_codec(x: np.ndarray, components: int) -> PCACodec:
                     scale=jnp.asarray(scale, jnp.float32), image_shape=(h, w, c), clip=float(1.2 * np.abs(z).max()))
 
 
-def encode(codec: PCACodec, x: jax.Array) -> jax.Array:
-    """Images ``(B, H, W, C)`` → latents ``(B, C·k)``."""
+def encode(codec: PCACodec | ColourCodec, x: jax.Array) -> jax.Array:
+    """Images ``(B, H, W, C)`` → latents ``(B, latent_dim)`` (either codec)."""
+    if isinstance(codec, ColourCodec):
+        return _encode_colour(codec, x)
     b = x.shape[0]
     h, w, c = codec.image_shape
     rows = jnp.transpose(x, (0, 3, 1, 2)).reshape(b, c, h * w)
@@ -75,8 +80,10 @@ def encode(codec: PCACodec, x: jax.Array) -> jax.Array:
     return z.reshape(b, -1)
 
 
-def decode(codec: PCACodec, z: jax.Array) -> jax.Array:
-    """Latents ``(B, C·k)`` → images ``(B, H, W, C)`` (linear; differentiable)."""
+def decode(codec: PCACodec | ColourCodec, z: jax.Array) -> jax.Array:
+    """Latents ``(B, latent_dim)`` → images ``(B, H, W, C)`` in ``[−1, 1]`` (differentiable; either codec)."""
+    if isinstance(codec, ColourCodec):
+        return _decode_colour(codec, z)
     b = z.shape[0]
     h, w, c = codec.image_shape
     k = codec.basis.shape[1]
@@ -84,4 +91,180 @@ def decode(codec: PCACodec, z: jax.Array) -> jax.Array:
     return jnp.transpose(rows.reshape(b, c, h, w), (0, 2, 3, 1))
 
 
-__all__ = ["PCACodec", "fit_pca_codec", "encode", "decode"]
+
+
+# ---------------------------------------------------------------------------- colour latent
+COLOUR_MODES = ("foreground", "background")
+
+
+class ColourCodec(struct.PyTreeNode):
+    """A latent that factors an image into a grey *shape* and one RGB *colour*.
+
+    Images made of one grey shape ``g ∈ [0, 1]^{H×W}`` and one colour ``c ∈ [0, 1]³`` (the
+    embedded Colored-MNIST, ``x = g · c``, and Biased-MNIST, ``x = g + (1 − g) · c``; see
+    :mod:`privdebias_jax.data.mnist`) are encoded as ``z = [z_g, z_c]``:
+
+        z_g = ((2g − 1 − μ) · V) / s        (the whitened PCA of the shape, ``k`` numbers)
+        z_c = (c − m) / σ                    (the standardised colour, 3 numbers)
+
+    with the shape read back from the image (``g = max_ch x`` for strokes, ``min_ch x`` for
+    backgrounds: exact when the colour's largest channel is 1 and its smallest 0) and the colour
+    by least squares over the pixels (``c = Σ x g / Σ g²``; ``c = Σ (x − g)(1 − g) / Σ (1 − g)²``).
+    Decoding composes them again, with the shape and the colour clipped to ``[0, 1]`` so that
+    every latent decodes to a valid image (differentiable almost everywhere).
+
+    Shape and colour live in separate coordinates, so a denoiser can generate them from
+    separate conditions (:class:`~privdebias_jax.augment.denoiser.FactoredDenoiser`: the shape
+    from the class, the colour from the attribute) and compose a (class, colour) cell that the
+    data almost never shows from a shape and a colour each seen hundreds of times.
+
+    ``mode`` is ``foreground`` or ``background``; ``clip`` the largest ``|z|`` seen × 1.2.
+    """
+
+    mean: jax.Array
+    basis: jax.Array
+    scale: jax.Array
+    colour_mean: jax.Array
+    colour_scale: jax.Array
+    image_shape: tuple[int, int, int] = struct.field(pytree_node=False)
+    mode: str = struct.field(pytree_node=False)
+    clip: float = struct.field(pytree_node=False)
+
+    @property
+    def latent_dim(self) -> int:
+        """``k + 3``."""
+        return int(self.basis.shape[1] + 3)
+
+    @property
+    def shape_dim(self) -> int:
+        """``k``: the first ``k`` latent coordinates are the shape, the last 3 the colour."""
+        return int(self.basis.shape[1])
+
+
+def _shape_and_colour(x01: Any, mode: str, xp: Any = jnp) -> tuple[Any, Any]:
+    """Grey shape ``(B, H, W)`` and least-squares colour ``(B, 3)`` of images in ``[0, 1]``."""
+    if mode == "foreground":
+        g = xp.max(x01, axis=-1)
+        num = xp.einsum("bhwc,bhw->bc", x01, g)
+        den = xp.sum(g * g, axis=(1, 2))[:, None]
+    else:
+        g = xp.min(x01, axis=-1)
+        w = 1.0 - g
+        num = xp.einsum("bhwc,bhw->bc", x01 - g[..., None], w)
+        den = xp.sum(w * w, axis=(1, 2))[:, None]
+    return g, num / xp.maximum(den, 1e-6)
+
+
+def _compose(g: Any, colour: Any, mode: str) -> Any:
+    """``g · c`` (foreground) or ``g + (1 − g) · c`` (background), images in ``[0, 1]``."""
+    g = g[..., None]
+    c = colour[:, None, None, :]
+    return g * c if mode == "foreground" else g + (1.0 - g) * c
+
+
+def colour_mode_error(x01: np.ndarray, mode: str) -> float:
+    """Mean absolute error of re-composing images ``(N, H, W, 3)`` in ``[0, 1]`` from their
+    shape and colour under ``mode`` (0 for data made exactly that way)."""
+    g, c = _shape_and_colour(np.asarray(x01, np.float64), mode, np)
+    return float(np.abs(_compose(g, c, mode) - x01).mean())
+
+
+def fit_colour_codec(x: np.ndarray, components: int, mode: str = "auto", tolerance: float = 0.02) -> ColourCodec:
+    """Fit the shape PCA and the colour standardisation on images ``x`` ``(N, H, W, 3)`` in the
+    diffusion scale ``[−1, 1]``.
+
+    ``mode="auto"`` picks the composition (``foreground``/``background``) that re-composes the
+    images best.
+
+    Raises:
+      PrivDebiasError: ``x`` not ``(N, H, W, 3)``, ``components`` outside ``[1, H·W]``, an
+        unknown mode, or images that are not one grey shape and one colour (re-composition
+        error above ``tolerance`` in ``[0, 1]`` units: use ``latent="pca"`` for such data).
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise PrivDebiasError(f"the colour latent needs RGB images (N, H, W, 3), got shape {x.shape}")
+    n, h, w, _ = x.shape
+    if not 1 <= int(components) <= h * w:
+        raise PrivDebiasError(f"latent_dim must be in [1, {h * w}] for {h}×{w} images, got {components}")
+    if mode not in (*COLOUR_MODES, "auto"):
+        raise PrivDebiasError(f"unknown colour mode {mode!r}; expected 'auto' or one of {COLOUR_MODES}")
+    x01 = (x + 1.0) / 2.0
+    errors = {m: colour_mode_error(x01, m) for m in COLOUR_MODES}
+    if mode == "auto":
+        mode = min(errors, key=errors.get)
+    if errors[mode] > tolerance:
+        raise PrivDebiasError(
+            f"the colour latent needs images made of one grey shape and one colour; re-composing these "
+            f"({mode}) leaves a mean error of {errors[mode]:.3g} > {tolerance}: use latent='pca' (denoiser='mlp')"
+        )
+    g, colour = _shape_and_colour(x01, mode, np)
+    rows = (2.0 * g - 1.0).reshape(n, h * w)
+    mean = rows.mean(axis=0)
+    _, sv, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    basis = vt[: int(components)].T
+    scale = np.maximum(sv[: int(components)] / np.sqrt(n), 1e-6)
+    cm, cs = colour.mean(axis=0), np.maximum(colour.std(axis=0), 1e-3)
+    z = np.concatenate([((rows - mean) @ basis) / scale, (colour - cm) / cs], axis=1)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return ColourCodec(mean=f32(mean), basis=f32(basis), scale=f32(scale), colour_mean=f32(cm),
+                       colour_scale=f32(cs), image_shape=(h, w, 3), mode=mode, clip=float(1.2 * np.abs(z).max()))
+
+
+def _encode_colour(codec: ColourCodec, x: jax.Array) -> jax.Array:
+    g, colour = _shape_and_colour((x + 1.0) / 2.0, codec.mode)
+    return _latent_of(codec, g, colour)
+
+
+def _latent_of(codec: ColourCodec, g: jax.Array, colour: jax.Array) -> jax.Array:
+    b = g.shape[0]
+    h, w, _ = codec.image_shape
+    zg = (((2.0 * g - 1.0).reshape(b, h * w) - codec.mean) @ codec.basis) / codec.scale
+    return jnp.concatenate([zg, (colour - codec.colour_mean) / codec.colour_scale], axis=1)
+
+
+def project(codec: PCACodec | ColourCodec, z_ref: jax.Array, x: jax.Array) -> jax.Array:
+    """The latent of images ``x`` ``(B, H, W, C)`` in ``[−1, 1]`` that are *near* the decoded
+    ``z_ref`` (e.g. after a guidance step on the decoded image).
+
+    PCA codec: :func:`encode` (the exact least-squares latent). Colour codec: the shape is
+    fitted by least squares *given the colour of* ``z_ref`` (``g = Σ_ch x c / Σ c²`` for
+    strokes, ``g = Σ_ch (x − c)(1 − c) / Σ (1 − c)²`` for backgrounds, clipped to ``[0, 1]``),
+    then the colour given that shape. Reading the shape as ``max_ch x`` instead, as
+    :func:`encode` does for clean images, turns a small change spread over the background into
+    stroke pixels.
+    """
+    if not isinstance(codec, ColourCodec):
+        return encode(codec, x)
+    k = codec.shape_dim
+    c0 = jnp.clip(z_ref[:, k:] * codec.colour_scale + codec.colour_mean, 0.0, 1.0)[:, None, None, :]
+    x01 = (x + 1.0) / 2.0
+    if codec.mode == "foreground":
+        g = jnp.sum(x01 * c0, axis=-1) / jnp.maximum(jnp.sum(c0 * c0, axis=-1), 1e-6)
+    else:
+        g = jnp.sum((x01 - c0) * (1.0 - c0), axis=-1) / jnp.maximum(jnp.sum((1.0 - c0) ** 2, axis=-1), 1e-6)
+    g = jnp.clip(g, 0.0, 1.0)
+    if codec.mode == "foreground":
+        num = jnp.einsum("bhwc,bhw->bc", x01, g)
+        den = jnp.sum(g * g, axis=(1, 2))[:, None]
+    else:
+        wgt = 1.0 - g
+        num = jnp.einsum("bhwc,bhw->bc", x01 - g[..., None], wgt)
+        den = jnp.sum(wgt * wgt, axis=(1, 2))[:, None]
+    colour = num / jnp.maximum(den, 1e-6)
+    return _latent_of(codec, g, colour)
+
+
+def _decode_colour(codec: ColourCodec, z: jax.Array) -> jax.Array:
+    b = z.shape[0]
+    h, w, _ = codec.image_shape
+    k = codec.shape_dim
+    g = (((z[:, :k] * codec.scale) @ codec.basis.T + codec.mean).reshape(b, h, w) + 1.0) / 2.0
+    colour = z[:, k:] * codec.colour_scale + codec.colour_mean
+    # shape and colour are projected on [0, 1] before composing: every latent decodes to a valid
+    # image, whatever a guidance step did to it
+    return 2.0 * _compose(jnp.clip(g, 0.0, 1.0), jnp.clip(colour, 0.0, 1.0), codec.mode) - 1.0
+
+
+__all__ = ["PCACodec", "ColourCodec", "COLOUR_MODES", "fit_pca_codec", "fit_colour_codec", "colour_mode_error",
+           "encode", "decode", "project"]

@@ -80,6 +80,7 @@ def make_sampler(
     guidance_loss: Callable[..., jax.Array] | None = None,
     stochastic: bool = False,
     clip: float | None = 1.0,
+    image_codec: tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array, jax.Array], jax.Array]] | None = None,
 ) -> Callable[..., jax.Array]:
     """Build the scan sampler (see the module docstring); the caller jits it.
 
@@ -93,6 +94,13 @@ def make_sampler(
       stochastic: add ``σ_t(η) z`` noise (else ``eta`` is ignored: deterministic DDIM).
       clip: x̂₀ is clipped to ``[−clip, clip]`` (1 for images in ``[−1, 1]``; the PCA latent's
         own bound; ``None`` for no clipping).
+      image_codec: ``(decode, project)`` of a latent codec (``project(z_ref, img)``: the latent
+        of an image near ``decode(z_ref)``, :func:`~privdebias_jax.augment.latent.project`), or
+        ``None``. With it, the KL guidance step is taken on the decoded image and projected
+        back, ``x̂₀ ← project(x̂₀, clip(decode(x̂₀) − s ∇_img L, −1, 1))``, so ``guidance_loss``
+        must take images; a linear codec thus moves the latent by the least-squares image of
+        the pixel step, ``(JᵀJ)⁻¹ Jᵀ`` rather than ``Jᵀ`` (which over-weights coordinates
+        spread over many pixels, such as a colour).
 
     Returns:
       ``sample(params, guide_params, y, a, mask, key, guidance_scale, kl_scale, eta)`` →
@@ -122,7 +130,12 @@ def make_sampler(
             eps = eps_fn(params, x_t, t, y, a, guidance_scale)
             x0 = predict_x0(schedule, x_t, eps, t, clip)
             if guidance_loss is not None:
-                x0 = guide_x0(guidance_loss, guide_params, x0, y, a, mask, kl_scale, clip)
+                if image_codec is None:
+                    x0 = guide_x0(guidance_loss, guide_params, x0, y, a, mask, kl_scale, clip)
+                else:
+                    decode, project = image_codec
+                    img = guide_x0(guidance_loss, guide_params, decode(x0), y, a, mask, kl_scale, 1.0)
+                    x0 = project(x0, img) if clip is None else jnp.clip(project(x0, img), -clip, clip)
                 eps = eps_from_x0(schedule, x_t, x0, t)
             step_key = jax.random.fold_in(key, k + 1) if stochastic else None
             return ddim_update(schedule, x_t, x0, eps, t, t_prev, eta if stochastic else 0.0, step_key), None
