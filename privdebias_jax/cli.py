@@ -320,8 +320,12 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     from privdebias_jax.report import write_json
 
     base = AugmentConfig.tiny() if args.quick else AugmentConfig.cpu_default(image_size=args.image_size)
+    latent = args.latent
+    if latent is None and args.denoiser in ("conv", "unet"):
+        latent = "none"  # the image denoisers work in pixel space
     overrides = {
         "denoiser": args.denoiser,
+        "latent": latent,
         "epochs": args.epochs,
         "sample_steps": args.steps,
         "guidance_scale": args.guidance_scale,
@@ -506,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("biased-mnist", "colored-mnist"), default="biased-mnist")
     p.add_argument("--rho", type=_rho, default=0.99, help="P(colour = digit), in [0, 1]")
     p.add_argument("--image-size", type=_positive_int, default=14, help="image side (default 14)")
-    p.add_argument("--denoiser", choices=("mlp", "conv", "unet"), help="denoiser (default mlp)")
+    p.add_argument("--denoiser", choices=("factored", "mlp", "conv", "unet"),
+                   help="denoiser (default factored: shape from the class, colour from the attribute)")
+    p.add_argument("--latent", choices=("colour", "pca", "none"),
+                   help="denoiser space (default colour: shape PCA + RGB colour; none for conv/unet)")
     p.add_argument("--epochs", type=_non_negative_int, help="denoiser training epochs")
     p.add_argument("--steps", type=_positive_int, help="DDIM sampling steps")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance weight w >= 0")
