@@ -161,10 +161,6 @@ class Augmenter:
         """Denoiser samples → images ``(B, S, S, C)`` in the diffusion scale ``[−1, 1]`` (latent decode or identity)."""
         return x if self.codec is None else decode(self.codec, x)
 
-    def encode_images(self, x: jax.Array) -> jax.Array:
-        """Images ``(B, S, S, C)`` in ``[−1, 1]`` → denoiser space (latent encode or identity)."""
-        return x if self.codec is None else encode(self.codec, x)
-
     def project_images(self, z_ref: jax.Array, x: jax.Array) -> jax.Array:
         """The latent of images ``x`` near ``decode_images(z_ref)`` (:func:`~privdebias_jax.augment.latent.project`)."""
         return x if self.codec is None else project(self.codec, z_ref, x)
@@ -286,11 +282,11 @@ def fit_augmenter(
     schedule = make_schedule(config)
     x_model = to_model_scale(np.asarray(resize_images(x, config.image_size)))
     codec = None
-    if config.latent in ("pca", "colour"):
-        if config.latent == "colour":
-            codec = fit_colour_codec(x_model, config.latent_dim)
-        else:
-            codec = fit_pca_codec(x_model, config.latent_dim)
+    if config.latent == "colour":
+        codec = fit_colour_codec(x_model, config.latent_dim)
+    elif config.latent == "pca":
+        codec = fit_pca_codec(x_model, config.latent_dim)
+    if codec is not None:
         x_model = np.asarray(jax.jit(encode)(codec, jnp.asarray(x_model)))
     t0 = time.perf_counter()
     state, history = train_denoiser(

@@ -46,6 +46,16 @@ class PCACodec(struct.PyTreeNode):
         return int(self.image_shape[2] * self.basis.shape[1])
 
 
+def _whitened_pca(rows: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, basis, scale, z)``: the top ``components`` principal directions of ``rows``
+    ``(n, d)`` (an SVD), each component's standard deviation (≥ 1e-6) and the whitened scores."""
+    mean = rows.mean(axis=0)
+    _, sv, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    basis = vt[:components].T
+    scale = np.maximum(sv[:components] / np.sqrt(rows.shape[0]), 1e-6)
+    return mean, basis, scale, ((rows - mean) @ basis) / scale
+
+
 def fit_pca_codec(x: np.ndarray, components: int) -> PCACodec:
     """Fit the shared per-channel PCA on images ``x`` ``(N, H, W, C)`` (diffusion scale).
 
@@ -59,12 +69,7 @@ def fit_pca_codec(x: np.ndarray, components: int) -> PCACodec:
     if not 1 <= int(components) <= h * w:
         raise PrivDebiasError(f"latent_dim must be in [1, {h * w}] for {h}×{w} images, got {components}")
     rows = x.transpose(0, 3, 1, 2).reshape(n * c, h * w)
-    mean = rows.mean(axis=0)
-    _, sv, vt = np.linalg.svd(rows - mean, full_matrices=False)
-    basis = vt[: int(components)].T
-    scale = sv[: int(components)] / np.sqrt(rows.shape[0])
-    scale = np.maximum(scale, 1e-6)
-    z = ((rows - mean) @ basis) / scale
+    mean, basis, scale, z = _whitened_pca(rows, int(components))
     return PCACodec(mean=jnp.asarray(mean, jnp.float32), basis=jnp.asarray(basis, jnp.float32),
                     scale=jnp.asarray(scale, jnp.float32), image_shape=(h, w, c), clip=float(1.2 * np.abs(z).max()))
 
@@ -141,18 +146,24 @@ class ColourCodec(struct.PyTreeNode):
         return int(self.basis.shape[1])
 
 
-def _shape_and_colour(x01: Any, mode: str, xp: Any = jnp) -> tuple[Any, Any]:
-    """Grey shape ``(B, H, W)`` and least-squares colour ``(B, 3)`` of images in ``[0, 1]``."""
+def _colour_given_shape(x01: Any, g: Any, mode: str, xp: Any = jnp) -> Any:
+    """Least-squares colour ``(B, 3)`` of images ``x01`` in ``[0, 1]`` given their shape ``g``:
+    ``Σ x g / Σ g²`` (strokes) or ``Σ (x − g)(1 − g) / Σ (1 − g)²`` (backgrounds)."""
     if mode == "foreground":
-        g = xp.max(x01, axis=-1)
         num = xp.einsum("bhwc,bhw->bc", x01, g)
         den = xp.sum(g * g, axis=(1, 2))[:, None]
     else:
-        g = xp.min(x01, axis=-1)
         w = 1.0 - g
         num = xp.einsum("bhwc,bhw->bc", x01 - g[..., None], w)
         den = xp.sum(w * w, axis=(1, 2))[:, None]
-    return g, num / xp.maximum(den, 1e-6)
+    return num / xp.maximum(den, 1e-6)
+
+
+def _shape_and_colour(x01: Any, mode: str, xp: Any = jnp) -> tuple[Any, Any]:
+    """Grey shape ``(B, H, W)`` (channel max for strokes, min for backgrounds) and least-squares
+    colour ``(B, 3)`` of images in ``[0, 1]``."""
+    g = xp.max(x01, axis=-1) if mode == "foreground" else xp.min(x01, axis=-1)
+    return g, _colour_given_shape(x01, g, mode, xp)
 
 
 def _compose(g: Any, colour: Any, mode: str) -> Any:
@@ -199,13 +210,9 @@ def fit_colour_codec(x: np.ndarray, components: int, mode: str = "auto", toleran
             f"({mode}) leaves a mean error of {errors[mode]:.3g} > {tolerance}: use latent='pca' (denoiser='mlp')"
         )
     g, colour = _shape_and_colour(x01, mode, np)
-    rows = (2.0 * g - 1.0).reshape(n, h * w)
-    mean = rows.mean(axis=0)
-    _, sv, vt = np.linalg.svd(rows - mean, full_matrices=False)
-    basis = vt[: int(components)].T
-    scale = np.maximum(sv[: int(components)] / np.sqrt(n), 1e-6)
+    mean, basis, scale, zg = _whitened_pca((2.0 * g - 1.0).reshape(n, h * w), int(components))
     cm, cs = colour.mean(axis=0), np.maximum(colour.std(axis=0), 1e-3)
-    z = np.concatenate([((rows - mean) @ basis) / scale, (colour - cm) / cs], axis=1)
+    z = np.concatenate([zg, (colour - cm) / cs], axis=1)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     return ColourCodec(mean=f32(mean), basis=f32(basis), scale=f32(scale), colour_mean=f32(cm),
                        colour_scale=f32(cs), image_shape=(h, w, 3), mode=mode, clip=float(1.2 * np.abs(z).max()))
@@ -244,15 +251,7 @@ def project(codec: PCACodec | ColourCodec, z_ref: jax.Array, x: jax.Array) -> ja
     else:
         g = jnp.sum((x01 - c0) * (1.0 - c0), axis=-1) / jnp.maximum(jnp.sum((1.0 - c0) ** 2, axis=-1), 1e-6)
     g = jnp.clip(g, 0.0, 1.0)
-    if codec.mode == "foreground":
-        num = jnp.einsum("bhwc,bhw->bc", x01, g)
-        den = jnp.sum(g * g, axis=(1, 2))[:, None]
-    else:
-        wgt = 1.0 - g
-        num = jnp.einsum("bhwc,bhw->bc", x01 - g[..., None], wgt)
-        den = jnp.sum(wgt * wgt, axis=(1, 2))[:, None]
-    colour = num / jnp.maximum(den, 1e-6)
-    return _latent_of(codec, g, colour)
+    return _latent_of(codec, g, _colour_given_shape(x01, g, codec.mode))
 
 
 def _decode_colour(codec: ColourCodec, z: jax.Array) -> jax.Array:
