@@ -199,6 +199,15 @@ def test_kl_guidance_loss_and_gradient_match_hand_computed(group_by):
         fd = (float(loss(jnp.asarray(x + h * v))) - float(loss(jnp.asarray(x - h * v)))) / (2 * h)
         np.testing.assert_allclose(fd, float(np.sum(ref_grad * v)), rtol=1e-6)
     assert np.abs(ref_grad[-1]).max() == 0.0  # the padding row gets no gradient
+    # the two halves the routed guidance steps on separately: κ · KL alone and λ · CE alone
+    with jax.enable_x64(True):
+        kl_only, kl_grad = _np_guidance(W_c, b_c, W_a, b_a, x, y, a, mask, 0.0, 0.05, C, A, group_by)
+        args = (x @ W_c + b_c, x @ W_a + b_a, jnp.asarray(y), jnp.asarray(a), jnp.asarray(mask))
+        half = dict(num_classes=C, smoothing=0.05, group_by=group_by)
+        np.testing.assert_allclose(float(kl_guidance_loss(*args, class_weight=0.0, kl_weight=2.5, **half)),
+                                   2.5 * kl_only, rtol=1e-10)
+        np.testing.assert_allclose(float(kl_guidance_loss(*args, class_weight=0.7, kl_weight=0.0, **half)),
+                                   ref_value - kl_only, rtol=1e-10)
 
 
 def _biased_labels(n=2000, C=5, A=5, rho=0.9, seed=0):

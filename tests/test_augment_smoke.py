@@ -3,6 +3,7 @@ the diffusers UNet denoiser; and smoke runs of the CLI, the experiment and the b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,14 @@ from privdebias_jax.augment.diffusion import (
     make_denoiser_optimizer,
     make_diffusion_step,
 )
-from privdebias_jax.augment.latent import decode, encode, fit_colour_codec, fit_pca_codec, project
+from privdebias_jax.augment.latent import (
+    decode,
+    encode,
+    fit_colour_codec,
+    fit_pca_codec,
+    project,
+    project_routed,
+)
 from privdebias_jax.augment.schedule import make_schedule
 from privdebias_jax.data import Dataset, biased_mnist, next_free_id
 from privdebias_jax.data.mnist import PALETTE, colorize
@@ -108,6 +116,37 @@ def test_colour_projection_is_least_squares_given_the_reference_colour(mode):
     pca = fit_pca_codec(x, 4)
     np.testing.assert_allclose(np.asarray(project(pca, None, jnp.asarray(noisy))),
                                np.asarray(encode(pca, jnp.asarray(noisy))))
+
+
+@pytest.mark.parametrize("mode", ["foreground", "background"])
+def test_routed_projection_takes_the_shape_from_one_image_and_the_colour_from_the_other(mode):
+    rng = np.random.default_rng(4)
+    gray = rng.uniform(0, 1, size=(30, 4, 4)).astype(np.float32)
+    a = rng.integers(0, 10, size=30)
+    x = 2.0 * colorize(gray, a, mode) - 1.0
+    codec = fit_colour_codec(x, 16)
+    z = encode(codec, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(project_routed(codec, z, jnp.asarray(x), jnp.asarray(x))),
+                               np.asarray(z), atol=3e-5)  # a fixed point
+    x_shape = np.clip(x + 0.1 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
+    x_colour = np.clip(x + 0.1 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
+    got = np.asarray(project_routed(codec, z, jnp.asarray(x_shape), jnp.asarray(x_colour)))
+    # shape: that of project(z, x_shape), whatever x_colour is
+    np.testing.assert_allclose(got[:, :16], np.asarray(project(codec, z, jnp.asarray(x_shape)))[:, :16], atol=1e-6)
+    other = np.asarray(project_routed(codec, z, jnp.asarray(x_shape), jnp.asarray(-x_colour)))
+    np.testing.assert_array_equal(other[:, :16], got[:, :16])
+    # colour: least squares of x_colour given z's own shape (NumPy)
+    g, c01 = gray.astype(np.float64), (x_colour.astype(np.float64) + 1) / 2
+    if mode == "foreground":
+        col = np.einsum("bhwc,bhw->bc", c01, g) / (g * g).sum((1, 2))[:, None]
+    else:
+        col = np.einsum("bhwc,bhw->bc", c01 - g[..., None], 1 - g) / ((1 - g) ** 2).sum((1, 2))[:, None]
+    want = (col - np.asarray(codec.colour_mean)) / np.asarray(codec.colour_scale)
+    np.testing.assert_allclose(got[:, 16:], want, atol=2e-4)
+    with pytest.raises(PrivDebiasError, match="latent='colour'"):
+        project_routed(fit_pca_codec(x, 4), z, jnp.asarray(x), jnp.asarray(x))
+    with pytest.raises(PrivDebiasError, match="routed"):
+        AugmentConfig.cpu_default(denoiser="mlp", latent="pca", guidance_space="routed")
 
 
 def test_colour_latent_refuses_other_images():
@@ -199,6 +238,13 @@ def test_generate_and_quality_report(tiny_run, tmp_path):
     plain = generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=1.0, kl_scale=0.0)
     guided = generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=2.0, kl_scale=5.0)
     assert np.abs(plain.x - guided.x).max() > 1e-4
+    # routed guidance (class step → shape, attribute step → colour) runs through the same API
+    assert aug.codec is not None and aug.config.guidance_space == "image"
+    routed_aug = dataclasses.replace(aug, config=dataclasses.replace(aug.config, guidance_space="routed"),
+                                     _samplers={})
+    routed = generate(routed_aug, one, key=jax.random.key(3), start_id=0, guidance_scale=2.0, kl_scale=5.0)
+    assert routed.x.shape == guided.x.shape and np.isfinite(routed.x).all()
+    assert np.abs(routed.x - guided.x).max() > 1e-4
     # bad input
     with pytest.raises(PrivDebiasError, match="guidance_scale"):
         generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=-1.0)

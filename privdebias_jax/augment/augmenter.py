@@ -52,6 +52,7 @@ from privdebias_jax.augment.latent import (
     fit_colour_codec,
     fit_pca_codec,
     project,
+    project_routed,
 )
 from privdebias_jax.augment.sampler import make_sampler
 from privdebias_jax.augment.schedule import Schedule, make_schedule
@@ -124,7 +125,7 @@ class Augmenter:
         """The jitted scan sampler for these flags (built once, cached)."""
         flags = (bool(cfg), bool(kl), bool(stochastic))
         if flags not in self._samplers:
-            loss, in_image = None, False
+            loss, in_image, routed = None, False, None
             if kl:
                 gc, ga = self.guide_class, self.guide_attr
 
@@ -134,18 +135,28 @@ class Augmenter:
                 def classify_attr(p, x):
                     return dataclasses.replace(ga, params=p).logits(x)
 
-                in_image = self.codec is not None and self.config.guidance_space == "image"
+                space = self.config.guidance_space
+                in_image = self.codec is not None and space in ("image", "routed")
+                common = dict(num_classes=self.num_classes, smoothing=self.config.target_smoothing,
+                              group_by=self.config.guidance_groups)
                 loss = make_guidance_loss(
-                    classify_class, classify_attr, num_classes=self.num_classes,
-                    class_weight=self.config.class_weight, smoothing=self.config.target_smoothing,
-                    decode=self.decode_images if self.codec is not None and not in_image else None,
-                    group_by=self.config.guidance_groups,
+                    classify_class, classify_attr, class_weight=self.config.class_weight,
+                    decode=self.decode_images if self.codec is not None and not in_image else None, **common,
                 )
+                if space == "routed":
+                    codec = self.codec
+                    routed = (
+                        make_guidance_loss(classify_class, classify_attr, class_weight=self.config.class_weight,
+                                           kl_weight=0.0, **common),
+                        make_guidance_loss(classify_class, classify_attr, class_weight=0.0, **common),
+                        lambda z, img_y, img_a: project_routed(codec, z, img_y, img_a),
+                    )
             fn = make_sampler(
                 self.denoiser, self.schedule, image_shape=self.model_shape, num_classes=self.num_classes,
                 num_attributes=self.num_attributes, steps=self.config.sample_steps, cfg=cfg,
                 guidance_loss=loss, stochastic=stochastic, clip=1.0 if self.codec is None else self.codec.clip,
                 image_codec=(self.decode_images, self.project_images) if kl and in_image else None,
+                routed_guidance=routed,
             )
             self._samplers[flags] = jax.jit(fn)
         return self._samplers[flags]

@@ -22,6 +22,7 @@ from privdebias_jax.types import PrivDebiasError
 DENOISERS = ("factored", "mlp", "conv", "unet")
 LATENTS = ("colour", "pca", "none")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+GUIDANCE_SPACES = ("image", "latent", "routed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,9 @@ class AugmentConfig:
       class_weight: weight of the class-consistency term inside the guidance loss.
       guidance_space: where a latent denoiser takes the KL-guidance step: ``image`` (on the
         decoded x̂₀, then re-encoded: the latent moves by the projection of the image step) or
-        ``latent`` (the gradient with respect to the latent itself).
+        ``latent`` (the gradient with respect to the latent itself) or ``routed`` (colour latent
+        only: the class term's image step sets the shape, the attribute KL's the colour; see
+        :func:`~privdebias_jax.augment.latent.project_routed`).
       guidance_groups: ``cell`` (the KL is taken per requested (y, a) cell) or ``class``
         (per requested class: seed 000's partial bias; see :mod:`privdebias_jax.augment.guidance`).
       target_smoothing: δ in the smoothed target ``(1 − δ) π + δ / A`` of the guidance KL.
@@ -166,8 +169,10 @@ class AugmentConfig:
             raise PrivDebiasError(
                 f"AugmentConfig.latent_dim must be in [1, image_size²] = [1, {self.image_size**2}], got {self.latent_dim!r}"
             )
-        if self.guidance_space not in ("image", "latent"):
-            raise PrivDebiasError(f"unknown guidance_space {self.guidance_space!r}; expected 'image' or 'latent'")
+        if self.guidance_space not in GUIDANCE_SPACES:
+            raise PrivDebiasError(f"unknown guidance_space {self.guidance_space!r}; expected one of {GUIDANCE_SPACES}")
+        if self.guidance_space == "routed" and self.latent != "colour":
+            raise PrivDebiasError("guidance_space='routed' needs the shape/colour latent: use latent='colour' with it")
         if self.guidance_groups not in ("cell", "class"):
             raise PrivDebiasError(f"unknown guidance_groups {self.guidance_groups!r}; expected 'cell' or 'class'")
         if self.beta_schedule not in BETA_SCHEDULES:

@@ -83,8 +83,10 @@ def kl_guidance_loss(
     class_weight: float = 1.0,
     smoothing: float = 0.01,
     group_by: str = "cell",
+    kl_weight: float = 1.0,
 ) -> jax.Array:
-    """``L = Σ_g n_g KL(q̄_g ‖ π̃_g) + λ Σ_i m_i CE(class_logits_i, y_i)`` (see the module docstring).
+    """``L = κ Σ_g n_g KL(q̄_g ‖ π̃_g) + λ Σ_i m_i CE(class_logits_i, y_i)`` (see the module docstring;
+    ``κ = kl_weight``, 1 by default, 0 for the class term alone).
 
     Args:
       class_logits: ``(B, num_classes)`` class-classifier logits on x̂₀.
@@ -96,7 +98,7 @@ def kl_guidance_loss(
     target = smoothed_target(pi, smoothing)
     kl = jnp.sum(jnp.where(q > 0, q * (jnp.log(jnp.where(q > 0, q, 1.0)) - jnp.log(target)), 0.0), axis=-1)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(class_logits, -1), y[:, None], axis=-1)[:, 0]
-    return jnp.sum(n_c * kl) + class_weight * jnp.sum(mask * ce)
+    return kl_weight * jnp.sum(n_c * kl) + class_weight * jnp.sum(mask * ce)
 
 
 def make_guidance_loss(
@@ -108,16 +110,20 @@ def make_guidance_loss(
     smoothing: float = 0.01,
     decode: Callable[[jax.Array], jax.Array] | None = None,
     group_by: str = "cell",
+    kl_weight: float = 1.0,
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
     """``loss(guide_params, x0, y, a, mask)`` with ``x0`` in the diffusion scale.
 
     ``guide_params = (class_params, attr_params)``; the classifiers see ``(img + 1) / 2`` with
-    ``img = decode(x0)`` (a latent decoder, e.g. the PCA codec) or ``img = x0``.
+    ``img = decode(x0)`` (a latent decoder, e.g. the PCA codec) or ``img = x0``. ``kl_weight = 0``
+    gives the class-consistency term alone and ``class_weight = 0`` the KL term alone (the two
+    halves of the routed guidance of :func:`~privdebias_jax.augment.sampler.make_sampler`).
 
     Raises:
-      PrivDebiasError: a negative or NaN ``class_weight``, ``smoothing`` outside ``[0, 1)``.
+      PrivDebiasError: a negative or NaN ``class_weight`` or ``kl_weight``, ``smoothing`` outside ``[0, 1)``.
     """
     check_scale(class_weight, "class_weight")
+    check_scale(kl_weight, "kl_weight")
     if not 0.0 <= float(smoothing) < 1.0:
         raise PrivDebiasError(f"target smoothing must be in [0, 1), got {smoothing}")
     if group_by not in GROUPINGS:
@@ -129,6 +135,7 @@ def make_guidance_loss(
         return kl_guidance_loss(
             classify_class(class_params, img), classify_attr(attr_params, img), y, a, mask,
             num_classes=num_classes, class_weight=class_weight, smoothing=smoothing, group_by=group_by,
+            kl_weight=kl_weight,
         )
 
     return loss

@@ -254,6 +254,30 @@ def project(codec: PCACodec | ColourCodec, z_ref: jax.Array, x: jax.Array) -> ja
     return _latent_of(codec, g, _colour_given_shape(x01, g, codec.mode))
 
 
+def project_routed(codec: ColourCodec, z_ref: jax.Array, x_shape: jax.Array, x_colour: jax.Array) -> jax.Array:
+    """A latent whose shape comes from images ``x_shape`` and whose colour comes from images
+    ``x_colour`` (both ``(B, H, W, 3)`` in ``[−1, 1]``, near ``decode(z_ref)``).
+
+    The shape coordinates are those of :func:`project` ``(z_ref, x_shape)`` (least-squares shape
+    given ``z_ref``'s colour); the colour is fitted to ``x_colour`` by least squares *given
+    z_ref's shape* (``Σ x g / Σ g²`` for strokes), so a change of ``x_colour`` never reaches the
+    shape. This is the projection of the routed guidance step (class term → shape, attribute
+    term → colour), the guidance counterpart of ``p(x | y, a) = p(g | y) p(c | a)``.
+
+    Raises:
+      PrivDebiasError: a codec that is not a :class:`ColourCodec`.
+    """
+    if not isinstance(codec, ColourCodec):
+        raise PrivDebiasError("routed guidance needs the shape/colour latent (latent='colour')")
+    k = codec.shape_dim
+    b = z_ref.shape[0]
+    h, w, _ = codec.image_shape
+    g0 = jnp.clip((((z_ref[:, :k] * codec.scale) @ codec.basis.T + codec.mean).reshape(b, h, w) + 1.0) / 2.0, 0.0, 1.0)
+    colour = _colour_given_shape((x_colour + 1.0) / 2.0, g0, codec.mode)
+    zc = (colour - codec.colour_mean) / codec.colour_scale
+    return jnp.concatenate([project(codec, z_ref, x_shape)[:, :k], zc], axis=1)
+
+
 def _decode_colour(codec: ColourCodec, z: jax.Array) -> jax.Array:
     b = z.shape[0]
     h, w, _ = codec.image_shape
@@ -266,4 +290,4 @@ def _decode_colour(codec: ColourCodec, z: jax.Array) -> jax.Array:
 
 
 __all__ = ["PCACodec", "ColourCodec", "COLOUR_MODES", "fit_pca_codec", "fit_colour_codec", "colour_mode_error",
-           "encode", "decode", "project"]
+           "encode", "decode", "project", "project_routed"]

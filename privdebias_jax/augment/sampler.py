@@ -38,7 +38,7 @@ from privdebias_jax.augment.schedule import (
     eps_from_x0,
     predict_x0,
 )
-from privdebias_jax.types import Params, PRNGKey
+from privdebias_jax.types import Params, PrivDebiasError, PRNGKey
 
 
 def make_eps_fn(
@@ -81,6 +81,7 @@ def make_sampler(
     stochastic: bool = False,
     clip: float | None = 1.0,
     image_codec: tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array, jax.Array], jax.Array]] | None = None,
+    routed_guidance: tuple[Callable[..., jax.Array], Callable[..., jax.Array], Callable[..., jax.Array]] | None = None,
 ) -> Callable[..., jax.Array]:
     """Build the scan sampler (see the module docstring); the caller jits it.
 
@@ -101,11 +102,20 @@ def make_sampler(
         must take images; a linear codec thus moves the latent by the least-squares image of
         the pixel step, ``(JᵀJ)⁻¹ Jᵀ`` rather than ``Jᵀ`` (which over-weights coordinates
         spread over many pixels, such as a colour).
+      routed_guidance: ``(shape_loss, colour_loss, merge)`` or ``None``. With it (and
+        ``image_codec``, whose ``decode`` it uses; ``guidance_loss`` is then ignored) the KL
+        guidance step is split: ``img_y = decode(x̂₀) − s ∇ shape_loss`` (the class term) and
+        ``img_a = decode(x̂₀) − s ∇ colour_loss`` (the attribute KL), then
+        ``x̂₀ ← merge(x̂₀, img_y, img_a)`` takes the shape from ``img_y`` and the colour from
+        ``img_a`` (:func:`~privdebias_jax.augment.latent.project_routed`): the attribute term
+        cannot deform the shape, nor the class term recolour it.
 
     Returns:
       ``sample(params, guide_params, y, a, mask, key, guidance_scale, kl_scale, eta)`` →
       ``(B, *image_shape)`` samples in the diffusion scale.
     """
+    if routed_guidance is not None and image_codec is None:
+        raise PrivDebiasError("routed guidance needs image_codec=(decode, project)")
     ts, prev = ddim_timesteps(schedule.alphas_cumprod.shape[0], steps)
     ts, prev = jnp.asarray(ts), jnp.asarray(prev)
     eps_fn = make_eps_fn(denoiser, num_classes, num_attributes, cfg)
@@ -129,7 +139,15 @@ def make_sampler(
             k, t, t_prev = inputs
             eps = eps_fn(params, x_t, t, y, a, guidance_scale)
             x0 = predict_x0(schedule, x_t, eps, t, clip)
-            if guidance_loss is not None:
+            if routed_guidance is not None:
+                shape_loss, colour_loss, merge = routed_guidance
+                img = image_codec[0](x0)
+                img_y = guide_x0(shape_loss, guide_params, img, y, a, mask, kl_scale, 1.0)
+                img_a = guide_x0(colour_loss, guide_params, img, y, a, mask, kl_scale, 1.0)
+                x0 = merge(x0, img_y, img_a)
+                x0 = x0 if clip is None else jnp.clip(x0, -clip, clip)
+                eps = eps_from_x0(schedule, x_t, x0, t)
+            elif guidance_loss is not None:
                 if image_codec is None:
                     x0 = guide_x0(guidance_loss, guide_params, x0, y, a, mask, kl_scale, clip)
                 else:
