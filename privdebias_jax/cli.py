@@ -330,6 +330,8 @@ def _cmd_augment(args: argparse.Namespace) -> int:
         "sample_steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "kl_scale": args.kl_scale,
+        "guidance_space": args.guidance_space,
+        "class_weight": args.class_weight,
     }
     config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None}).validate()
     out = Path(args.out)
@@ -519,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance weight w >= 0")
     p.add_argument("--kl-scale", type=float, help="KL-gradient guidance step s >= 0 (0 = off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta >= 0 (0 = deterministic)")
+    p.add_argument("--guidance-space", choices=("auto", "image", "latent", "routed"),
+                   help="where the KL-guidance step is taken (default auto: routed for the colour latent, "
+                        "i.e. the class term moves the shape and the attribute term the colour)")
+    p.add_argument("--class-weight", type=float, help="weight of the class term in the guidance loss (>= 0)")
     p.add_argument(
         "--target-fraction",
         type=float,

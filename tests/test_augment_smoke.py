@@ -147,6 +147,12 @@ def test_routed_projection_takes_the_shape_from_one_image_and_the_colour_from_th
         project_routed(fit_pca_codec(x, 4), z, jnp.asarray(x), jnp.asarray(x))
     with pytest.raises(PrivDebiasError, match="routed"):
         AugmentConfig.cpu_default(denoiser="mlp", latent="pca", guidance_space="routed")
+    with pytest.raises(PrivDebiasError, match="guidance_space"):
+        AugmentConfig.cpu_default(guidance_space="pixels")
+    assert AugmentConfig.cpu_default().resolved_guidance_space == "routed"
+    assert AugmentConfig.cpu_default(denoiser="mlp", latent="pca").resolved_guidance_space == "image"
+    assert AugmentConfig.cpu_default(denoiser="mlp", latent="pca", guidance_space="latent").resolved_guidance_space \
+        == "latent"
 
 
 def test_colour_latent_refuses_other_images():
@@ -239,12 +245,14 @@ def test_generate_and_quality_report(tiny_run, tmp_path):
     guided = generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=2.0, kl_scale=5.0)
     assert np.abs(plain.x - guided.x).max() > 1e-4
     # routed guidance (class step → shape, attribute step → colour) runs through the same API
-    assert aug.codec is not None and aug.config.guidance_space == "image"
-    routed_aug = dataclasses.replace(aug, config=dataclasses.replace(aug.config, guidance_space="routed"),
-                                     _samplers={})
-    routed = generate(routed_aug, one, key=jax.random.key(3), start_id=0, guidance_scale=2.0, kl_scale=5.0)
-    assert routed.x.shape == guided.x.shape and np.isfinite(routed.x).all()
-    assert np.abs(routed.x - guided.x).max() > 1e-4
+    # the default routed guidance (class step → shape, attribute step → colour) differs from the
+    # image-space step, and runs through the same API
+    assert aug.codec is not None and aug.config.resolved_guidance_space == "routed"
+    image_aug = dataclasses.replace(aug, config=dataclasses.replace(aug.config, guidance_space="image"),
+                                    _samplers={})
+    unrouted = generate(image_aug, one, key=jax.random.key(3), start_id=0, guidance_scale=2.0, kl_scale=5.0)
+    assert unrouted.x.shape == guided.x.shape and np.isfinite(unrouted.x).all()
+    assert np.abs(unrouted.x - guided.x).max() > 1e-4
     # bad input
     with pytest.raises(PrivDebiasError, match="guidance_scale"):
         generate(aug, one, key=jax.random.key(3), start_id=0, guidance_scale=-1.0)
@@ -308,13 +316,14 @@ def test_cli_augment_passes_its_options_to_the_driver(tmp_path, capsys, monkeypa
     monkeypatch.setattr(driver, "augment_and_evaluate", fake_driver)
     monkeypatch.setattr(driver, "summary_line", lambda r: f"summary of {r['dataset']}")
     argv = ["augment", "--quick", "--dataset", "colored-mnist", "--out", str(tmp_path), "--no-progress",
-            "--epochs", "3", "--kl-scale", "0.5", "--steps", "7", "--seed", "4"]
+            "--epochs", "3", "--kl-scale", "0.5", "--steps", "7", "--seed", "4", "--guidance-space", "image",
+            "--class-weight", "2.5"]
     assert main(argv) == 0
     (dataset, out, kw), = calls
     assert dataset == "colored-mnist" and Path(out) == tmp_path
     cfg = kw["config"]
     tiny = AugmentConfig.tiny()
-    assert (cfg.epochs, cfg.kl_scale, cfg.sample_steps) == (3, 0.5, 7)
+    assert (cfg.epochs, cfg.kl_scale, cfg.sample_steps, cfg.guidance_space, cfg.class_weight) == (3, 0.5, 7, "image", 2.5)
     assert cfg.denoiser == tiny.denoiser and cfg.guidance_scale == tiny.guidance_scale  # not overridden
     assert kw["quick"] is True and kw["seed"] == 4 and kw["progress"] is False
     assert kw["checkpoint_dir"] == tmp_path / "checkpoints" and kw["image_size"] == cfg.image_size
@@ -325,6 +334,9 @@ def test_cli_augment_passes_its_options_to_the_driver(tmp_path, capsys, monkeypa
     # out-of-range options are named before anything runs
     assert main(["augment", "--quick", "--kl-scale", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "kl_scale" in capsys.readouterr().err
+    assert main(["augment", "--quick", "--latent", "pca", "--denoiser", "mlp", "--guidance-space", "routed",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "routed" in capsys.readouterr().err
     assert len(calls) == 1 and not (tmp_path / "x").exists()
 
 
@@ -346,4 +358,7 @@ def test_experiment_and_benchmark_quick(tmp_path):
     e = out["entries"][0]
     assert e["samples_per_s"]["scan"] > 0 and e["samples_per_s"]["loop_diffusers"] > 0
     assert e["scan_over_loop_diffusers"] == pytest.approx(e["seconds"]["loop_diffusers"] / e["seconds"]["scan"])
+    assert e["loop_over_model_calls"] == pytest.approx(e["seconds"]["loop_diffusers"] / e["seconds"]["model_only"])
+    assert e["target_met"] == (e["scan_over_loop_diffusers"] >= 1.5)
+    assert out["settings"]["guidance_space"] == "routed"  # the tiny config's colour latent routes the guidance
     assert json.loads((tmp_path / "s.json").read_text())["machine"]["cpu_count"] >= 1

@@ -135,7 +135,7 @@ class Augmenter:
                 def classify_attr(p, x):
                     return dataclasses.replace(ga, params=p).logits(x)
 
-                space = self.config.guidance_space
+                space = self.config.resolved_guidance_space
                 in_image = self.codec is not None and space in ("image", "routed")
                 common = dict(num_classes=self.num_classes, smoothing=self.config.target_smoothing,
                               group_by=self.config.guidance_groups)

@@ -22,7 +22,7 @@ from privdebias_jax.types import PrivDebiasError
 DENOISERS = ("factored", "mlp", "conv", "unet")
 LATENTS = ("colour", "pca", "none")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-GUIDANCE_SPACES = ("image", "latent", "routed")
+GUIDANCE_SPACES = ("auto", "image", "latent", "routed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,8 @@ class AugmentConfig:
         decoded x̂₀, then re-encoded: the latent moves by the projection of the image step) or
         ``latent`` (the gradient with respect to the latent itself) or ``routed`` (colour latent
         only: the class term's image step sets the shape, the attribute KL's the colour; see
-        :func:`~privdebias_jax.augment.latent.project_routed`).
+        :func:`~privdebias_jax.augment.latent.project_routed`); ``auto`` (default) is ``routed``
+        for the colour latent and ``image`` otherwise (:attr:`resolved_guidance_space`).
       guidance_groups: ``cell`` (the KL is taken per requested (y, a) cell) or ``class``
         (per requested class: seed 000's partial bias; see :mod:`privdebias_jax.augment.guidance`).
       target_smoothing: δ in the smoothed target ``(1 − δ) π + δ / A`` of the guidance KL.
@@ -101,7 +102,7 @@ class AugmentConfig:
     guidance_scale: float = 2.0
     kl_scale: float = 5.0
     class_weight: float = 1.0
-    guidance_space: str = "image"
+    guidance_space: str = "auto"
     guidance_groups: str = "cell"
     target_smoothing: float = 0.01
     classifier_epochs: int = 6
@@ -110,6 +111,13 @@ class AugmentConfig:
     counterfactual_copies: int = 1
     sample_batch: int = 500
     checkpoint_every: int = 10
+
+    @property
+    def resolved_guidance_space(self) -> str:
+        """``guidance_space`` with ``auto`` resolved: ``routed`` for ``latent="colour"``, else ``image``."""
+        if self.guidance_space != "auto":
+            return self.guidance_space
+        return "routed" if self.latent == "colour" else "image"
 
     @classmethod
     def cpu_default(cls, **overrides: Any) -> AugmentConfig:

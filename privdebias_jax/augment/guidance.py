@@ -25,6 +25,12 @@ with scale ``s`` (``kl_scale``); the sampler then recomputes the noise consisten
 corrected x̂₀ (:func:`~privdebias_jax.augment.schedule.eps_from_x0`): classifier guidance on
 x̂₀ in the spirit of "universal guidance" (Bansal et al. 2023), the gradient taken with
 respect to x̂₀ (the denoiser is not differentiated).
+
+With a latent denoiser the step can be taken on the decoded image and projected back, and with
+the shape/colour latent it is *routed* (the CPU default): the class term's step (``kl_weight =
+0``) sets the shape and the KL term's step (``class_weight = 0``) sets the colour; see
+:func:`~privdebias_jax.augment.sampler.make_sampler` and
+:func:`~privdebias_jax.augment.latent.project_routed`.
 """
 
 from __future__ import annotations
