@@ -36,6 +36,15 @@ TRAIN_SIZE = 400
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
+@pytest.fixture
+def contained_tempdir(tmp_path, monkeypatch):
+    """Point :mod:`tempfile` at the test's own folder: ``tensorflow_datasets`` leaves one empty
+    ``tempfile.mkdtemp("tfds")`` folder behind for every dataset info it builds on mock data
+    (``tensorflow_datasets/core/dataset_info.py``), ~20 per run in the system temp folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def biased8():
     """Biased-MNIST (background colour), ρ = 0.99, 8×8, 400 training digits."""

@@ -35,6 +35,9 @@ from privdebias_jax.models import create_model
 from privdebias_jax.train import apply_model, create_train_state, make_optimizer, make_train_step
 from privdebias_jax.types import PrivDebiasError
 
+# tensorflow_datasets leaves temp folders behind on mock data: keep them in tmp_path
+pytestmark = pytest.mark.usefixtures("contained_tempdir")
+
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 # a 6-sample batch, the last sample padding: targets, bias labels, mask, signed features

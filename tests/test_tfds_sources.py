@@ -17,6 +17,9 @@ from privdebias_jax.data.tfds_sources import (  # noqa: E402
 )
 from privdebias_jax.types import PrivDebiasError  # noqa: E402
 
+# tensorflow_datasets leaves temp folders behind on mock data: keep them in tmp_path
+pytestmark = pytest.mark.usefixtures("contained_tempdir")
+
 
 def _records(name: str, split: str, n: int) -> list[dict]:
     """The first ``n`` records of a split, read independently of the loaders."""
