@@ -12,7 +12,9 @@ that draws ``x_T ~ N(0, I)`` from ``key`` and runs the DDIM steps (Song et al. 2
    conditional and the null condition, ``ε̂ = ε(x_t, ∅) + w (ε(x_t, y, a) − ε(x_t, ∅))``;
 2. ``x̂₀ = clip((x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t)``;
 3. **KL guidance** (optional, :mod:`privdebias_jax.augment.guidance`): ``x̂₀ ← clip(x̂₀ − s ∇L)``
-   and ``ε̂ ← (x_t − √ᾱ_t x̂₀) / √(1 − ᾱ_t)``;
+   (on the latent, on the decoded image and projected back, or routed: the class term's step
+   sets the shape and the KL term's step the colour; see :func:`make_sampler`) and
+   ``ε̂ ← (x_t − √ᾱ_t x̂₀) / √(1 − ᾱ_t)``;
 4. the DDIM update with ``σ_t(η)`` and fresh noise (:func:`~privdebias_jax.augment.schedule.ddim_update`).
 
 Whether CFG, KL guidance and noise are used is fixed when the sampler is built (they change
