@@ -48,18 +48,12 @@ from privdebias_jax.augment import (  # noqa: E402
     ddim_scheduler,
     ddim_timesteps,
     make_eps_fn,
-    make_guidance_loss,
     make_sampler,
     make_schedule,
     sample_loop,
 )
-from privdebias_jax.augment.latent import (  # noqa: E402
-    decode,
-    fit_colour_codec,
-    fit_pca_codec,
-    project,
-    project_routed,
-)
+from privdebias_jax.augment.augmenter import guidance_options  # noqa: E402
+from privdebias_jax.augment.latent import fit_colour_codec, fit_pca_codec  # noqa: E402
 from privdebias_jax.augment.schedule import ddim_step  # noqa: E402
 from privdebias_jax.data.mnist import colorize  # noqa: E402
 from privdebias_jax.models import create_model, init_model  # noqa: E402
@@ -105,20 +99,8 @@ def measure(config: AugmentConfig, batch: int, repeats: int, w: float = 2.0) -> 
     def logits(p, x):
         return clf.apply({"params": p}, x)[0]
 
-    space = config.resolved_guidance_space if codec is not None else "image"
-    in_image = codec is not None and space in ("image", "routed")
-    loss = make_guidance_loss(logits, logits, num_classes=C,
-                              decode=None if codec is None or in_image else (lambda z: decode(codec, z)))
-    guided = dict(guidance_loss=loss, clip=None if codec is None else codec.clip)
-    if in_image:
-        guided["image_codec"] = (lambda z: decode(codec, z), lambda z, x: project(codec, z, x))
-    if space == "routed":
-        guided["routed_guidance"] = (
-            make_guidance_loss(logits, logits, num_classes=C, kl_weight=0.0),
-            make_guidance_loss(logits, logits, num_classes=C, class_weight=0.0),
-            lambda z, img_y, img_a: project_routed(codec, z, img_y, img_a),
-        )
-    scan_kl = jax.jit(make_sampler(den, sched, **guided, **kw))
+    guided = guidance_options(codec, config.resolved_guidance_space, logits, logits, num_classes=C)
+    scan_kl = jax.jit(make_sampler(den, sched, clip=None if codec is None else codec.clip, **guided, **kw))
     eps_fn = jax.jit(make_eps_fn(den, C, A, True))
     scheduler, sstate = ddim_scheduler(config)
     ts, prev = ddim_timesteps(config.num_train_timesteps, steps)

@@ -87,6 +87,43 @@ class TrainedClassifier:
         return np.argmax(logits, axis=-1)
 
 
+def guidance_options(
+    codec: PCACodec | ColourCodec | None,
+    space: str,
+    classify_class: Callable[[Any, jax.Array], jax.Array],
+    classify_attr: Callable[[Any, jax.Array], jax.Array],
+    **loss_options: Any,
+) -> dict[str, Any]:
+    """The KL-guidance arguments of :func:`~privdebias_jax.augment.sampler.make_sampler` for a
+    codec (or ``None``: pixel space) and a resolved ``guidance_space`` (``image`` / ``latent`` /
+    ``routed``, :attr:`AugmentConfig.resolved_guidance_space`).
+
+    * ``latent``: ``guidance_loss`` decodes the latent itself (the gradient is taken on ``z``);
+    * ``image``: ``guidance_loss`` on images and ``image_codec = (decode, project)``;
+    * ``routed``: also ``routed_guidance = (class term, KL term, project_routed)``.
+
+    ``loss_options`` go to :func:`~privdebias_jax.augment.guidance.make_guidance_loss`
+    (``num_classes``, ``class_weight``, ``smoothing``, ``group_by``).
+    """
+    in_image = codec is not None and space in ("image", "routed")
+    opts: dict[str, Any] = {
+        "guidance_loss": make_guidance_loss(
+            classify_class, classify_attr,
+            decode=None if codec is None or in_image else (lambda z: decode(codec, z)), **loss_options,
+        )
+    }
+    if in_image:
+        opts["image_codec"] = (lambda z: decode(codec, z), lambda z, x: project(codec, z, x))
+    if codec is not None and space == "routed":
+        kl_only = {**loss_options, "class_weight": 0.0}
+        opts["routed_guidance"] = (
+            make_guidance_loss(classify_class, classify_attr, kl_weight=0.0, **loss_options),
+            make_guidance_loss(classify_class, classify_attr, **kl_only),
+            lambda z, img_y, img_a: project_routed(codec, z, img_y, img_a),
+        )
+    return opts
+
+
 @dataclasses.dataclass
 class Augmenter:
     """A trained bias-guided diffusion augmenter (what :func:`fit_augmenter` returns).
@@ -125,7 +162,7 @@ class Augmenter:
         """The jitted scan sampler for these flags (built once, cached)."""
         flags = (bool(cfg), bool(kl), bool(stochastic))
         if flags not in self._samplers:
-            loss, in_image, routed = None, False, None
+            guidance: dict[str, Any] = {}
             if kl:
                 gc, ga = self.guide_class, self.guide_attr
 
@@ -135,28 +172,15 @@ class Augmenter:
                 def classify_attr(p, x):
                     return dataclasses.replace(ga, params=p).logits(x)
 
-                space = self.config.resolved_guidance_space
-                in_image = self.codec is not None and space in ("image", "routed")
-                common = dict(num_classes=self.num_classes, smoothing=self.config.target_smoothing,
-                              group_by=self.config.guidance_groups)
-                loss = make_guidance_loss(
-                    classify_class, classify_attr, class_weight=self.config.class_weight,
-                    decode=self.decode_images if self.codec is not None and not in_image else None, **common,
+                guidance = guidance_options(
+                    self.codec, self.config.resolved_guidance_space, classify_class, classify_attr,
+                    num_classes=self.num_classes, class_weight=self.config.class_weight,
+                    smoothing=self.config.target_smoothing, group_by=self.config.guidance_groups,
                 )
-                if space == "routed":
-                    codec = self.codec
-                    routed = (
-                        make_guidance_loss(classify_class, classify_attr, class_weight=self.config.class_weight,
-                                           kl_weight=0.0, **common),
-                        make_guidance_loss(classify_class, classify_attr, class_weight=0.0, **common),
-                        lambda z, img_y, img_a: project_routed(codec, z, img_y, img_a),
-                    )
             fn = make_sampler(
                 self.denoiser, self.schedule, image_shape=self.model_shape, num_classes=self.num_classes,
                 num_attributes=self.num_attributes, steps=self.config.sample_steps, cfg=cfg,
-                guidance_loss=loss, stochastic=stochastic, clip=1.0 if self.codec is None else self.codec.clip,
-                image_codec=(self.decode_images, self.project_images) if kl and in_image else None,
-                routed_guidance=routed,
+                stochastic=stochastic, clip=1.0 if self.codec is None else self.codec.clip, **guidance,
             )
             self._samplers[flags] = jax.jit(fn)
         return self._samplers[flags]
@@ -171,10 +195,6 @@ class Augmenter:
     def decode_images(self, x: jax.Array) -> jax.Array:
         """Denoiser samples → images ``(B, S, S, C)`` in the diffusion scale ``[−1, 1]`` (latent decode or identity)."""
         return x if self.codec is None else decode(self.codec, x)
-
-    def project_images(self, z_ref: jax.Array, x: jax.Array) -> jax.Array:
-        """The latent of images ``x`` near ``decode_images(z_ref)`` (:func:`~privdebias_jax.augment.latent.project`)."""
-        return x if self.codec is None else project(self.codec, z_ref, x)
 
     @property
     def guide_params(self) -> tuple[Params, Params]:
@@ -542,6 +562,7 @@ __all__ = [
     "resize_images",
     "decorrelated_training_set",
     "fit_augmenter",
+    "guidance_options",
     "cell_labels",
     "generate",
     "quality_report",

@@ -269,24 +269,25 @@ def project_routed(codec: ColourCodec, z_ref: jax.Array, x_shape: jax.Array, x_c
     """
     if not isinstance(codec, ColourCodec):
         raise PrivDebiasError("routed guidance needs the shape/colour latent (latent='colour')")
-    k = codec.shape_dim
-    b = z_ref.shape[0]
-    h, w, _ = codec.image_shape
-    g0 = jnp.clip((((z_ref[:, :k] * codec.scale) @ codec.basis.T + codec.mean).reshape(b, h, w) + 1.0) / 2.0, 0.0, 1.0)
-    colour = _colour_given_shape((x_colour + 1.0) / 2.0, g0, codec.mode)
+    colour = _colour_given_shape((x_colour + 1.0) / 2.0, _decoded_shape(codec, z_ref), codec.mode)
     zc = (colour - codec.colour_mean) / codec.colour_scale
-    return jnp.concatenate([project(codec, z_ref, x_shape)[:, :k], zc], axis=1)
+    return jnp.concatenate([project(codec, z_ref, x_shape)[:, : codec.shape_dim], zc], axis=1)
 
 
-def _decode_colour(codec: ColourCodec, z: jax.Array) -> jax.Array:
+def _decoded_shape(codec: ColourCodec, z: jax.Array) -> jax.Array:
+    """The grey shape ``(B, H, W)`` in ``[0, 1]`` of latents ``z`` (PCA decode, clipped)."""
     b = z.shape[0]
     h, w, _ = codec.image_shape
     k = codec.shape_dim
     g = (((z[:, :k] * codec.scale) @ codec.basis.T + codec.mean).reshape(b, h, w) + 1.0) / 2.0
-    colour = z[:, k:] * codec.colour_scale + codec.colour_mean
+    return jnp.clip(g, 0.0, 1.0)
+
+
+def _decode_colour(codec: ColourCodec, z: jax.Array) -> jax.Array:
+    colour = z[:, codec.shape_dim :] * codec.colour_scale + codec.colour_mean
     # shape and colour are projected on [0, 1] before composing: every latent decodes to a valid
     # image, whatever a guidance step did to it
-    return 2.0 * _compose(jnp.clip(g, 0.0, 1.0), jnp.clip(colour, 0.0, 1.0), codec.mode) - 1.0
+    return 2.0 * _compose(_decoded_shape(codec, z), jnp.clip(colour, 0.0, 1.0), codec.mode) - 1.0
 
 
 __all__ = ["PCACodec", "ColourCodec", "COLOUR_MODES", "fit_pca_codec", "fit_colour_codec", "colour_mode_error",
