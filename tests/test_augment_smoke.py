@@ -89,14 +89,27 @@ def test_colour_latent_recovers_shape_and_colour(mode):
     np.testing.assert_allclose(z2[:, :16], z[:, :16], atol=3e-5)
 
 
-@pytest.mark.parametrize("mode", ["foreground", "background"])
-def test_colour_projection_is_least_squares_given_the_reference_colour(mode):
-    rng = np.random.default_rng(3)
-    gray = rng.uniform(0, 1, size=(30, 4, 4)).astype(np.float32)
-    a = rng.integers(0, 10, size=30)
+def _coloured_shapes(seed, mode, n=30):
+    """``rng`` (advanced past the data), grey 4×4 shapes, palette colours, the images in the
+    diffusion scale, their full-rank colour codec and latents."""
+    rng = np.random.default_rng(seed)
+    gray = rng.uniform(0, 1, size=(n, 4, 4)).astype(np.float32)
+    a = rng.integers(0, 10, size=n)
     x = 2.0 * colorize(gray, a, mode) - 1.0
     codec = fit_colour_codec(x, 16)
-    z = encode(codec, jnp.asarray(x))
+    return rng, gray, a, x, codec, encode(codec, jnp.asarray(x))
+
+
+def _np_colour_given_shape(x01, g, mode):
+    """NumPy least-squares colour of images ``x01`` given their shape ``g``."""
+    if mode == "foreground":
+        return np.einsum("bhwc,bhw->bc", x01, g) / (g * g).sum((1, 2))[:, None]
+    return np.einsum("bhwc,bhw->bc", x01 - g[..., None], 1 - g) / ((1 - g) ** 2).sum((1, 2))[:, None]
+
+
+@pytest.mark.parametrize("mode", ["foreground", "background"])
+def test_colour_projection_is_least_squares_given_the_reference_colour(mode):
+    rng, gray, a, x, codec, z = _coloured_shapes(3, mode)
     np.testing.assert_allclose(np.asarray(project(codec, z, jnp.asarray(x))), np.asarray(z), atol=3e-5)
     # a perturbed image: the shape is the per-pixel least squares given z's colour (NumPy), the
     # colour then the least squares given that shape
@@ -105,10 +118,9 @@ def test_colour_projection_is_least_squares_given_the_reference_colour(mode):
     x01, c = (noisy.astype(np.float64) + 1) / 2, PALETTE[a][:, None, None, :].astype(np.float64)
     if mode == "foreground":
         g = np.clip((x01 * c).sum(-1) / (c * c).sum(-1), 0, 1)
-        col = np.einsum("bhwc,bhw->bc", x01, g) / (g * g).sum((1, 2))[:, None]
     else:
         g = np.clip(((x01 - c) * (1 - c)).sum(-1) / ((1 - c) ** 2).sum(-1), 0, 1)
-        col = np.einsum("bhwc,bhw->bc", x01 - g[..., None], 1 - g) / ((1 - g) ** 2).sum((1, 2))[:, None]
+    col = _np_colour_given_shape(x01, g, mode)
     zg = ((2 * g - 1).reshape(30, 16) - np.asarray(codec.mean)) @ np.asarray(codec.basis) / np.asarray(codec.scale)
     want = np.concatenate([zg, (col - np.asarray(codec.colour_mean)) / np.asarray(codec.colour_scale)], axis=1)
     np.testing.assert_allclose(got, want, atol=2e-4)
@@ -120,12 +132,7 @@ def test_colour_projection_is_least_squares_given_the_reference_colour(mode):
 
 @pytest.mark.parametrize("mode", ["foreground", "background"])
 def test_routed_projection_takes_the_shape_from_one_image_and_the_colour_from_the_other(mode):
-    rng = np.random.default_rng(4)
-    gray = rng.uniform(0, 1, size=(30, 4, 4)).astype(np.float32)
-    a = rng.integers(0, 10, size=30)
-    x = 2.0 * colorize(gray, a, mode) - 1.0
-    codec = fit_colour_codec(x, 16)
-    z = encode(codec, jnp.asarray(x))
+    rng, gray, _, x, codec, z = _coloured_shapes(4, mode)
     np.testing.assert_allclose(np.asarray(project_routed(codec, z, jnp.asarray(x), jnp.asarray(x))),
                                np.asarray(z), atol=3e-5)  # a fixed point
     x_shape = np.clip(x + 0.1 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
@@ -136,11 +143,7 @@ def test_routed_projection_takes_the_shape_from_one_image_and_the_colour_from_th
     other = np.asarray(project_routed(codec, z, jnp.asarray(x_shape), jnp.asarray(-x_colour)))
     np.testing.assert_array_equal(other[:, :16], got[:, :16])
     # colour: least squares of x_colour given z's own shape (NumPy)
-    g, c01 = gray.astype(np.float64), (x_colour.astype(np.float64) + 1) / 2
-    if mode == "foreground":
-        col = np.einsum("bhwc,bhw->bc", c01, g) / (g * g).sum((1, 2))[:, None]
-    else:
-        col = np.einsum("bhwc,bhw->bc", c01 - g[..., None], 1 - g) / ((1 - g) ** 2).sum((1, 2))[:, None]
+    col = _np_colour_given_shape((x_colour.astype(np.float64) + 1) / 2, gray.astype(np.float64), mode)
     want = (col - np.asarray(codec.colour_mean)) / np.asarray(codec.colour_scale)
     np.testing.assert_allclose(got[:, 16:], want, atol=2e-4)
     with pytest.raises(PrivDebiasError, match="latent='colour'"):
