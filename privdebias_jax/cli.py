@@ -49,6 +49,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lane_batch(text: str) -> str:
+    from privdebias_jax.unlearn.driver import parse_lane_batch
+
+    try:
+        parse_lane_batch(text)
+    except PrivDebiasError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -219,6 +229,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         "shards": args.shards,
         "slices": args.slices,
         "program_width": args.program_width,
+        "lane_batch": args.lane_batch,
         "forget_fraction": args.forget_fraction,
         "forget_seed": args.forget_seed,
         "capacity": args.capacity,
@@ -361,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="privdebias",
         description="Fair and private models in JAX: measure bias and leakage, debias, unlearn, audit.",
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=_positive_int,
+        help="split the CPU into N JAX devices (one per core: shard and shadow-model lanes then "
+        "train on all cores at once); default: JAX's (one)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -424,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--program-width",
         type=_non_negative_int,
         help="shard lanes per vmapped program W (0 = S); a deletion retrains W lanes",
+    )
+    p.add_argument(
+        "--lane-batch",
+        type=_lane_batch,
+        help="lanes a device computes together: auto (default; 1 on a CPU), all (one vmap) "
+        "or a positive integer",
     )
     p.add_argument(
         "--forget-file", help="file of sample ids to forget (whitespace/comma separated)"
@@ -545,6 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.cpu_devices is not None:
+            from privdebias_jax.multi import use_cpu_devices
+
+            use_cpu_devices(args.cpu_devices)
         return int(args.func(args) or 0)
     except PrivDebiasError as err:
         print(f"error: {err}", file=sys.stderr)

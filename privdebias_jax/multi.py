@@ -14,6 +14,25 @@ batches (padding masked). Two layouts, chosen by measurement (``benchmarks/fit_l
   times slower inside ``lax.scan``.
 
 With a mesh (several devices) the lane axis is split over it with ``jax.shard_map``.
+
+**Lanes on one device** (``lane_batch``). Inside a device the lanes are computed
+``lane_batch`` at a time: a ``jax.lax.map`` over chunks of ``lane_batch`` lanes, each chunk one
+``vmap`` (``1``: no ``vmap``, the lanes one after the other; a last, smaller chunk is one more
+``vmap``; ``None``: one ``vmap`` of every lane). The shuffle program is always one ``vmap``
+(integer and key work only).
+``"auto"`` (:func:`resolve_lane_batch`) is ``1`` on the CPU backend and ``None`` elsewhere.
+On a CPU the optimizer update of a vmapped program streams every lane's parameters and Adam
+moments at once, ``W×`` the working set of one model, which spills out of the caches: Adam on
+8 stacked 3×100 MLPs took 473 µs per model against 209 µs for one model alone, and the
+vmapped train step 1.17 ms per model against 0.78 ms (2 cores). Lanes in sequence keep one
+model's working set in cache. With ``lane_batch=1`` a lane's result is bitwise the same for
+every program width and every number of devices (a lane never shares an operation with
+another), so SISA's exactness no longer hinges on always using the same width.
+
+**CPU cores as devices.** On a CPU, :func:`use_cpu_devices` (before JAX starts its backend)
+splits the host into ``n`` devices; with one per core, lanes then run on all cores at once, each
+single-threaded, instead of one lane at a time with every operation split over the cores
+(``benchmarks/shards_vmap.py`` measures both).
 """
 
 from __future__ import annotations
@@ -38,27 +57,37 @@ LAYOUTS = ("auto", "scan", "loop")
 
 
 def epoch_order(key: PRNGKey, alive: jax.Array, total: int) -> tuple[jax.Array, jax.Array]:
-    """A random order of the alive rows first (then the rest), padded to ``total``; its mask.
+    """A random order of the alive rows first (then the rest), padded (or cut) to ``total``; its
+    mask.
 
     Each row draws ``u ~ U(0, 1)`` from ``key``; dead rows get ``u = 2``; rows sorted by ``u``.
-    Removing a row changes only its own draw, so the others keep their relative order.
+    Removing a row changes only its own draw, so the others keep their relative order. A
+    ``total`` below the number of rows drops dead rows from the end (the caller makes sure
+    ``total`` covers every alive row).
     """
     n = alive.shape[0]
     u = jax.random.uniform(key, (n,))
     u = jnp.where(alive > 0, u, 2.0)
     order = jnp.argsort(u)
     mask = alive[order].astype(jnp.float32)
-    if total > n:
+    if total < n:
+        order, mask = order[:total], mask[:total]
+    elif total > n:
         order = jnp.concatenate([order, jnp.zeros((total - n,), order.dtype)])
         mask = jnp.concatenate([mask, jnp.zeros((total - n,), mask.dtype)])
     return order, mask
 
 
 def _make_lane_fns(
-    model: nn.Module, tx: optax.GradientTransformation, batch_size: int, epochs: int, rows: int
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    epochs: int,
+    rows: int,
+    batches: int | None = None,
 ):
     step = make_train_step(model, tx)
-    nb = math.ceil(rows / batch_size)
+    nb = math.ceil(rows / batch_size) if batches is None else int(batches)
     total = nb * batch_size
 
     def gather(data: Batch, order: jax.Array, mask: jax.Array, b: jax.Array) -> Batch:
@@ -89,41 +118,77 @@ def _make_lane_fns(
     return stage, orders, loop_step, nb
 
 
-def _lanes(fn, in_axes: tuple):
-    """``vmap(fn, in_axes)``, except that a single lane is computed without ``vmap``.
+def _lanes(fn, in_axes: tuple, lane_batch: int | None = None):
+    """``fn`` over the lane axis (axis 0 of the mapped arguments), ``lane_batch`` lanes at a time.
 
-    With one lane (known when the program is traced) the lane axis is squeezed out and ``fn``
-    runs on its own: XLA's CPU code for a batch-of-one is slower (the whole SISA stage of the
-    3×100 MLP 1.17× slower, paired median of 7 runs on 2 cores). The results of the two paths
-    differ by float rounding, but a given width always takes the same path, which is all
-    SISA's exactness needs.
+    ``lane_batch=None`` (or ``≥`` the number of lanes): one ``vmap(fn, in_axes)``. Otherwise
+    ``jax.lax.map`` over the lanes, each iteration a ``vmap`` of ``lane_batch`` lanes (``1``: no
+    ``vmap`` at all, one lane after the other); a remainder of fewer lanes is one more ``vmap``.
+
+    A single lane (known when the program is traced) is squeezed out and ``fn`` runs on its
+    own, without ``vmap``: XLA's CPU code for a batch-of-one is slower (the whole SISA stage of
+    the 3×100 MLP 1.17× slower, paired median of 7 runs on 2 cores).
     """
     vmapped = jax.vmap(fn, in_axes=in_axes)
 
+    def one(*args):
+        lane = [_lane_at(arg, ax, 0) for arg, ax in zip(args, in_axes, strict=True)]
+        return jax.tree_util.tree_map(lambda v: v[None], fn(*lane))
+
     def call(*args):
         # every program's first argument is mapped (axis 0): it gives the number of lanes
-        if int(jax.tree_util.tree_leaves(args[0])[0].shape[0]) != 1:
+        width = int(jax.tree_util.tree_leaves(args[0])[0].shape[0])
+        if width == 1:
+            return one(*args)
+        if lane_batch is None or lane_batch >= width:
             return vmapped(*args)
-        lane = [_lane_zero(arg, ax) for arg, ax in zip(args, in_axes, strict=True)]
-        return jax.tree_util.tree_map(lambda v: v[None], fn(*lane))
+        k = int(lane_batch)
+        run = one if k == 1 else vmapped
+
+        def chunk(start, size):
+            return [_lane_slice(arg, ax, start, size) for arg, ax in zip(args, in_axes, strict=True)]
+
+        full = width // k
+        out = jax.lax.map(lambda c: run(*chunk(c * k, k)), jnp.arange(full))
+        out = jax.tree_util.tree_map(lambda v: v.reshape((full * k,) + v.shape[2:]), out)
+        rest = width - full * k
+        if rest:
+            tail = vmapped(*chunk(full * k, rest)) if rest > 1 else one(*chunk(full * k, 1))
+            out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+        return out
 
     return call
 
 
-def _lane_zero(arg, ax):
-    """Lane 0 of ``arg`` mapped with ``vmap``'s ``in_axes`` entry ``ax`` (0, None or a tuple /
+def _lane_at(arg, ax, i: int):
+    """Lane ``i`` of ``arg`` mapped with ``vmap``'s ``in_axes`` entry ``ax`` (0, None or a tuple /
     named tuple of them)."""
     if ax is None:
         return arg
     if isinstance(ax, int):
-        return jax.tree_util.tree_map(lambda v: v[0], arg)
-    parts = [_lane_zero(sub, a) for sub, a in zip(arg, ax, strict=True)]
+        return jax.tree_util.tree_map(lambda v: v[i], arg)
+    parts = [_lane_at(sub, a, i) for sub, a in zip(arg, ax, strict=True)]
     return type(ax)(*parts) if hasattr(ax, "_fields") else type(ax)(parts)
 
 
-def _wrap(fn, mesh: jax.sharding.Mesh | None, donate: bool, in_axes: tuple):
-    """``jit(vmap(fn, in_axes))``, with the mapped axis split over ``mesh`` (unmapped args replicated)."""
-    fn = _lanes(fn, in_axes)
+def _lane_slice(arg, ax, start, size: int):
+    """Lanes ``start .. start + size − 1`` of ``arg`` (``start`` may be traced), as :func:`_lane_at`."""
+    if ax is None:
+        return arg
+    if isinstance(ax, int):
+        return jax.tree_util.tree_map(
+            lambda v: jax.lax.dynamic_slice_in_dim(v, start, size, axis=0), arg
+        )
+    parts = [_lane_slice(sub, a, start, size) for sub, a in zip(arg, ax, strict=True)]
+    return type(ax)(*parts) if hasattr(ax, "_fields") else type(ax)(parts)
+
+
+def _wrap(
+    fn, mesh: jax.sharding.Mesh | None, donate: bool, in_axes: tuple, lane_batch: int | None = None
+):
+    """``jit`` of ``fn`` over the lanes (:func:`_lanes`), with the lane axis split over ``mesh``
+    (unmapped args replicated)."""
+    fn = _lanes(fn, in_axes, lane_batch)
     if mesh is not None:
         P = jax.sharding.PartitionSpec
         specs = jax.tree_util.tree_map(
@@ -135,20 +200,29 @@ def _wrap(fn, mesh: jax.sharding.Mesh | None, donate: bool, in_axes: tuple):
 
 @functools.lru_cache(maxsize=64)
 def stage_programs(
-    model, tx, batch_size: int, epochs: int, rows: int, mesh, shared_data: bool = False
+    model,
+    tx,
+    batch_size: int,
+    epochs: int,
+    rows: int,
+    mesh,
+    shared_data: bool = False,
+    lane_batch: int | None = None,
+    batches: int | None = None,
 ):
     """The compiled-on-first-use programs of a stage: ``(stage, orders, loop_step, num_batches)``.
 
     With ``shared_data`` every lane reads the same ``x, y, a, idx`` (not stacked; only the
-    mask is per lane). Cached per arguments, so repeated calls (SISA forgetting) reuse the
-    compiled code.
+    mask is per lane). ``lane_batch``: lanes computed together on a device (:func:`_lanes`;
+    ``None`` = all). ``batches``: batches per epoch (default ``⌈rows / batch_size⌉``). Cached
+    per arguments, so repeated calls (SISA forgetting) reuse the compiled code.
     """
-    stage, orders, loop_step, nb = _make_lane_fns(model, tx, batch_size, epochs, rows)
+    stage, orders, loop_step, nb = _make_lane_fns(model, tx, batch_size, epochs, rows, batches)
     data_axes = Batch(None, None, None, None, 0) if shared_data else 0
     return (
-        _wrap(stage, mesh, True, (0, data_axes, 0)),
+        _wrap(stage, mesh, True, (0, data_axes, 0), lane_batch),
         _wrap(orders, mesh, False, (0, 0, 0)),
-        _wrap(loop_step, mesh, True, (0, data_axes, 0, 0, 0, 0)),
+        _wrap(loop_step, mesh, True, (0, data_axes, 0, 0, 0, 0), lane_batch),
         nb,
     )
 
@@ -203,6 +277,62 @@ def auto_program_width(
     return int(num_shards)
 
 
+def resolve_lane_batch(lane_batch: int | str | None) -> int | None:
+    """Lanes computed together on one device (:func:`_lanes`): ``"auto"`` → ``1`` on the CPU
+    backend (lanes in sequence; see the module docstring), ``None`` (one ``vmap`` of every
+    lane) on accelerators; an integer ``≥ 1`` or ``None`` is returned as given.
+
+    Raises:
+      PrivDebiasError: anything else (``0``, a negative number, an unknown string).
+    """
+    if lane_batch is None:
+        return None
+    if isinstance(lane_batch, str):
+        if lane_batch != "auto":
+            raise PrivDebiasError(
+                f"lane_batch must be 'auto', None or a positive integer, got {lane_batch!r}"
+            )
+        return 1 if jax.default_backend() == "cpu" else None
+    if isinstance(lane_batch, bool) or not isinstance(lane_batch, (int, np.integer)):
+        raise PrivDebiasError(
+            f"lane_batch must be 'auto', None or a positive integer, got {lane_batch!r}"
+        )
+    if int(lane_batch) < 1:
+        raise PrivDebiasError(f"lane_batch must be at least 1, got {lane_batch}")
+    return int(lane_batch)
+
+
+def use_cpu_devices(count: int) -> int:
+    """Split the host CPU into ``count`` JAX devices (``jax_num_cpu_devices``); returns the count.
+
+    Must run before JAX starts its backend (before the first computation or device query),
+    like ``XLA_FLAGS=--xla_force_host_platform_device_count=N``. With one device per core,
+    programs over a lane axis (:func:`run_stage`, :func:`train_models`, SISA) lay their lanes
+    over the cores through the mesh of :func:`default_mesh`. If the backend is already up
+    with exactly ``count`` CPU devices this is a no-op.
+
+    Raises:
+      PrivDebiasError: ``count < 1``, or the backend already started with another number of
+        devices.
+    """
+    count = int(count)
+    if count < 1:
+        raise PrivDebiasError(f"cpu device count must be at least 1, got {count}")
+    from jax._src import xla_bridge  # the public API has no "is the backend up?" query
+
+    if xla_bridge.backends_are_initialized():
+        have = len(jax.devices("cpu"))
+        if have != count:
+            raise PrivDebiasError(
+                f"JAX's CPU backend already started with {have} device(s); set the CPU device "
+                f"count ({count}) before the first JAX computation, or set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={count}"
+            )
+        return count
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
+
+
 def tree_stack(trees: Sequence[Any]) -> Any:
     """Stack pytrees of the same structure on a new leading axis (NumPy)."""
     return jax.tree_util.tree_map(lambda *v: np.stack([np.asarray(x) for x in v]), *trees)
@@ -234,6 +364,8 @@ def run_stage(
     layout: str,
     mesh: jax.sharding.Mesh | None = None,
     shared_data: bool = False,
+    lane_batch: int | str | None = "auto",
+    batches: int | None = None,
 ) -> Any:
     """Train stacked ``states`` (``W`` lanes) for ``epochs`` epochs; returns the new stacked states.
 
@@ -241,8 +373,21 @@ def run_stage(
     are one unstacked ``(M, ...)`` block read by every lane); ``data.mask`` ``(W, M)`` marks the
     rows each lane trains on. ``keys`` ``(W, 2)``: lane ``w``'s epoch ``e`` shuffles with
     ``fold_in(fold_in(keys[w], e), 0)`` and steps with ``fold_in(fold_in(keys[w], e), 1)``.
-    ``layout`` is ``scan`` or ``loop`` (see the module docstring).
+    ``layout`` is ``scan`` or ``loop``; ``lane_batch`` is how many lanes a device computes
+    together (:func:`resolve_lane_batch`; see the module docstring). ``batches``: batches per
+    epoch, default ``⌈M / batch_size⌉``; fewer is allowed when every lane's alive rows fit
+    (:func:`train_models` cuts the epoch to the largest lane's rows): a batch of padding only
+    leaves a lane's state untouched, so dropping such trailing batches changes no result.
+
+    Raises:
+      PrivDebiasError: ``batches`` too few for some lane's alive rows.
     """
+    rows_alive = int(np.max(np.sum(np.asarray(data.mask) > 0, axis=1)))
+    if batches is not None and int(batches) * int(batch_size) < rows_alive:
+        raise PrivDebiasError(
+            f"batches={batches} of {batch_size} rows cannot hold a lane's {rows_alive} rows"
+        )
+    lane_batch = resolve_lane_batch(lane_batch)
     rows = int(np.shape(data.mask)[1])
     width = int(np.shape(data.mask)[0])
     if shared_data:
@@ -256,7 +401,15 @@ def run_stage(
     else:
         stacked, data, keys = put((states, data, keys), mesh)
     stage_fn, orders_fn, step_fn, nb = stage_programs(
-        model, tx, int(batch_size), int(epochs), rows, mesh, bool(shared_data)
+        model,
+        tx,
+        int(batch_size),
+        int(epochs),
+        rows,
+        mesh,
+        bool(shared_data),
+        lane_batch,
+        None if batches is None else int(batches),
     )
     if layout == "scan":
         stacked, _ = stage_fn(stacked, data, keys)
@@ -282,13 +435,18 @@ def train_models(
     layout: str = "auto",
     width: int | None = None,
     mesh: jax.sharding.Mesh | None | str = "auto",
+    lane_batch: int | str | None = "auto",
 ) -> TrainState:
     """Train ``N`` models from scratch, model ``i`` on the rows of ``data`` where ``masks[i]`` is 1.
 
     Model ``i`` is initialised from ``fold_in(fold_in(key, i), 0)`` and trained with lane key
     ``fold_in(fold_in(key, i), 1)``; ``width`` lanes per program (default ``N``, the rest in
-    further calls). Returns the ``N`` states stacked on a leading axis (the shadow / reference
-    models of membership inference).
+    further calls; ``lane_batch`` of them computed together on a device, see
+    :func:`resolve_lane_batch`). An epoch is ``⌈max_i |rows_i| / batch_size⌉`` batches, each
+    lane's alive rows first: the same result as ``⌈len(data) / batch_size⌉`` batches (the rest
+    would be padding only, which leaves a state unchanged) at a fraction of the work. Returns
+    the ``N`` states stacked on a leading axis (the shadow / reference models of membership
+    inference).
 
     Raises:
       PrivDebiasError: ``masks`` not ``(N, len(data))`` of 0/1, a model with no rows, bad
@@ -312,8 +470,12 @@ def train_models(
         raise PrivDebiasError(f"width must be in [1, {n}], got {width}")
     input_shape = tuple(np.shape(data.x)[1:])
     layout = resolve_layout(model, tx, input_shape, layout)
+    lane_batch = resolve_lane_batch(lane_batch)
     mesh = default_mesh(width) if isinstance(mesh, str) else mesh
     init = init_program(model, tx, input_shape)
+    # an epoch of batches covering the largest model's rows: the alive rows come first, so the
+    # batches after them are padding only (no-ops) and need not be computed
+    batches = math.ceil(int(masks.sum(1).max()) / int(batch_size))
     lane_keys = [jax.random.fold_in(key, i) for i in range(n)]
     x, y, a, idx = (np.asarray(v) for v in data)
     outs = []
@@ -338,6 +500,8 @@ def train_models(
             layout=layout,
             mesh=mesh,
             shared_data=True,
+            lane_batch=lane_batch,
+            batches=batches,
         )
         outs.extend(tree_index(out, j) for j in range(len(lanes)))
     return tree_stack(outs)
@@ -351,10 +515,12 @@ __all__ = [
     "epoch_order",
     "init_program",
     "put",
+    "resolve_lane_batch",
     "resolve_layout",
     "run_stage",
     "stage_programs",
     "train_models",
     "tree_index",
     "tree_stack",
+    "use_cpu_devices",
 ]

@@ -37,6 +37,8 @@ def get_unlearn_config(
     """The training config of ``dataset`` plus an ``unlearn`` section.
 
     ``unlearn`` fields: ``shards`` (S), ``slices`` (R), ``program_width`` (W; 0 = S),
+    ``lane_batch`` (lanes a device computes together: ``auto``, ``all`` or a positive integer;
+    see :func:`privdebias_jax.multi.resolve_lane_batch`),
     ``forget_fraction`` (of the training set, used when no ids are given), ``forget_seed``,
     ``capacity`` (deletions per step; 0 = one step), ``aggregate`` (``mean_softmax`` / ``vote``),
     ``baselines`` (comma-separated subset of retrain,newton,finetune,gradient_ascent; ``""`` none).
@@ -48,12 +50,36 @@ def get_unlearn_config(
     c.unlearn.shards = 8
     c.unlearn.slices = 4
     c.unlearn.program_width = 0
+    c.unlearn.lane_batch = "auto"
     c.unlearn.forget_fraction = 0.01
     c.unlearn.forget_seed = 0
     c.unlearn.capacity = 0
     c.unlearn.aggregate = "mean_softmax"
     c.unlearn.baselines = "retrain,newton"
     return c
+
+
+def parse_lane_batch(text: str | int | None) -> int | str | None:
+    """``"auto"`` → ``"auto"``, ``"all"`` (or ``None``) → ``None`` (one ``vmap`` of every lane), a
+    positive integer (or its text) → that integer.
+
+    Raises:
+      PrivDebiasError: anything else.
+    """
+    if text is None or text == "all":
+        return None
+    if text == "auto":
+        return "auto"
+    value = 0
+    if isinstance(text, (int, np.integer)) and not isinstance(text, (bool, np.bool_)):
+        value = int(text)
+    elif isinstance(text, str) and text.isdigit():
+        value = int(text)
+    if value < 1:
+        raise PrivDebiasError(
+            f"lane_batch must be 'auto', 'all' or a positive integer, got {text!r}"
+        )
+    return value
 
 
 def read_ids(path: str | os.PathLike) -> np.ndarray:
@@ -108,6 +134,7 @@ def unlearn_and_evaluate(
     epochs = sisa_epochs(int(config.epochs), int(u.slices))
     plan = make_plan(train.idx, int(u.shards), int(u.slices), key=jax.random.fold_in(key, 2))
     width = int(u.program_width) or None
+    lane_batch = parse_lane_batch(u.get("lane_batch", "auto"))
     sisa, train_cost = train_shards(
         model,
         tx,
@@ -118,6 +145,7 @@ def unlearn_and_evaluate(
         epochs_per_slice=epochs,
         batch_size=int(config.batch_size),
         program_width=width,
+        lane_batch=lane_batch,
         progress=progress,
     )
 
@@ -151,6 +179,7 @@ def unlearn_and_evaluate(
             "slice_capacity": plan.slice_capacity,
             "strategy": plan.strategy,
             "program_width": sisa.width,
+            "lane_batch": "all" if sisa.config.lane_batch is None else sisa.config.lane_batch,
             "layout": sisa.layout,
             "epochs_per_slice": list(epochs),
             "devices": 1 if sisa.mesh is None else int(sisa.mesh.size),

@@ -20,6 +20,16 @@ trained by the *same* compiled program, which is what makes forgetting bitwise e
 (XLA's results depend on the vmapped width). Smaller ``W`` makes a deletion cheaper (it
 retrains ``W`` lanes, not ``S``); larger ``W`` trains faster on accelerators.
 
+**Lanes per device.** ``lane_batch`` (:func:`privdebias_jax.multi.resolve_lane_batch`) is how
+many lanes a device computes together: ``"auto"`` is ``1`` on a CPU (lanes in sequence inside
+the program: a lane's working set stays in cache, and its result is the same bit for bit at
+every width and on any number of devices) and one ``vmap`` of all lanes on accelerators. The
+resolved value is part of the directory's configuration; ``"auto"`` on an existing directory
+takes the value it was trained with (one ``vmap``, ``None``, for directories written before the
+setting existed), so such directories resume and forget exactly as before. With the CPU split into one device per
+core (``privdebias --cpu-devices N``, :func:`privdebias_jax.multi.use_cpu_devices`) the lanes
+of a program run on all cores at once.
+
 **Forgetting.** :meth:`SISAModel.forget` records the ids in the :class:`Ledger` (atomically,
 before anything else), restores each affected shard from the checkpoint before its earliest
 affected slice, retrains the remaining stages without the forgotten samples (affected shards
@@ -56,6 +66,7 @@ from privdebias_jax.multi import (
     LAYOUTS,
     default_mesh,
     init_program,
+    resolve_lane_batch,
     run_stage,
     tree_index,
     tree_stack,
@@ -91,20 +102,37 @@ class SISAConfig:
       layout: ``scan`` (a stage is one call), ``loop`` (one call per batch) or ``auto`` (``loop``
         for models with convolution kernels, ``scan`` otherwise; measured in
         ``benchmarks/fit_loop.py``).
+      lane_batch: lanes a device computes together (``"auto"``, ``None`` = all in one ``vmap``,
+        or a positive integer); :class:`SISAModel` stores it resolved.
     """
 
     epochs_per_slice: tuple[int, ...]
     batch_size: int = 64
     program_width: int | None = None
     layout: str = "auto"
+    lane_batch: int | str | None = "auto"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "epochs_per_slice": list(self.epochs_per_slice),
             "batch_size": self.batch_size,
             "program_width": self.program_width,
             "layout": self.layout,
         }
+        # absent = one vmap of every lane, as directories written before the setting existed
+        if self.lane_batch is not None:
+            out["lane_batch"] = self.lane_batch
+        return out
+
+
+def _stored_config(directory: Path) -> dict[str, Any] | None:
+    """The ``config`` of ``directory/meta.json``, or ``None`` if there is none readable (a bad
+    file is reported later by the fingerprint check)."""
+    try:
+        config = json.loads((directory / "meta.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 @dataclasses.dataclass
@@ -211,6 +239,13 @@ class SISAModel:
             raise PrivDebiasError(f"batch_size must be positive, got {config.batch_size}")
         if config.layout not in LAYOUTS:
             raise PrivDebiasError(f"unknown layout {config.layout!r}; expected one of {LAYOUTS}")
+        if config.lane_batch == "auto":
+            # "auto" in an existing directory: what it was trained with (absent: one vmap)
+            stored = _stored_config(self.directory)
+            if stored is not None:
+                config = dataclasses.replace(config, lane_batch=stored.get("lane_batch"))
+        config = dataclasses.replace(config, lane_batch=resolve_lane_batch(config.lane_batch))
+        self.config = config
         self.width = s if config.program_width is None else int(config.program_width)
         if not 1 <= self.width <= s:
             raise PrivDebiasError(
@@ -439,6 +474,7 @@ class SISAModel:
             batch_size=int(self.config.batch_size),
             layout=self.layout,
             mesh=self.mesh,
+            lane_batch=self.config.lane_batch,
         )
         cost.programs += 1
         cost.lane_stages += self.width
@@ -670,7 +706,11 @@ class SISAModel:
                 f"{meta_path} is not valid JSON of a SISA directory: {err}"
             ) from err
         config = SISAConfig(
-            tuple(c["epochs_per_slice"]), int(c["batch_size"]), c["program_width"], c["layout"]
+            tuple(c["epochs_per_slice"]),
+            int(c["batch_size"]),
+            c["program_width"],
+            c["layout"],
+            c.get("lane_batch"),  # absent: written before the setting, one vmap of all lanes
         )
         plan = ShardPlan.from_json(meta["plan"])
         key = np.asarray(meta["key"], np.uint32)
@@ -693,14 +733,17 @@ def train_shards(
     program_width: int | None = None,
     layout: str = "auto",
     mesh: jax.sharding.Mesh | None | str = "auto",
+    lane_batch: int | str | None = "auto",
     resume: bool = True,
     progress: bool = False,
 ) -> tuple[SISAModel, RetrainCost]:
     """Train the ``S`` shard models of ``plan`` on ``train_set``, slice by slice, all at once.
 
     Every stage ``t`` (slices ``0..t``, ``epochs_per_slice[t]`` epochs) of all shards runs as
-    ``⌈S/W⌉`` calls of one vmapped program; each shard is checkpointed after every stage in
-    ``directory``. ``mesh="auto"`` lays the shard axis over ``gcd(W, #devices)`` devices.
+    ``⌈S/W⌉`` calls of one program over the stacked shard axis; each shard is checkpointed after
+    every stage in ``directory``. ``mesh="auto"`` lays the shard axis over ``gcd(W, #devices)``
+    devices; each device computes ``lane_batch`` lanes at a time (``"auto"``: one on a CPU, all
+    in one ``vmap`` on accelerators; see :class:`SISAConfig`).
     With ``resume`` an existing directory of the same plan continues where it stopped.
 
     Returns:
@@ -716,7 +759,7 @@ def train_shards(
         if isinstance(epochs_per_slice, (int, np.integer))
         else tuple(int(e) for e in epochs_per_slice)
     )
-    config = SISAConfig(epochs, int(batch_size), program_width, layout)
+    config = SISAConfig(epochs, int(batch_size), program_width, layout, lane_batch)
     sisa = SISAModel(model, tx, train_set, plan, config, directory, key, mesh=mesh)
     cost = sisa.train(progress=progress, resume=resume)
     return sisa, cost
