@@ -15,7 +15,7 @@ and attacks each one with the whole suite of :mod:`privdebias_jax.privacy`:
   (``k = 10`` shifted copies), LOSS, confidence, entropy, modified entropy, the shadow-model
   attack and LiRA online / offline with ``--reference-models`` reference models trained together
   (:func:`privdebias_jax.privacy.attacks.train_reference_models`, auto layout: one by one for
-  the CNN, teams for an MLP) on random halves
+  the CNN, lanes for an MLP) on random halves
   of a pool (vanilla: the whole training set plus the test set, so each reference model trains on
   as many images as the target; overfit: its training subset plus the non-members) with the
   target's recipe. Each attack: AUC, TPR at 0.1% and 1% FPR, balanced accuracy at the threshold

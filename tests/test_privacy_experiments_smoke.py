@@ -61,7 +61,7 @@ def test_shadow_benchmark_quick(tmp_path):
     res = bench.main(["--quick", "--out", str(out)])
     e = res["results"]["mlp"]["4"]
     v = e["variants"]
-    assert set(v) == {"teams", "loop_per_batch"}
+    assert set(v) == {"teams", "lanes", "loop_per_batch"}
     for name in v:
         assert v[name]["examples_per_s"] == pytest.approx(v[name]["examples"] / v[name]["seconds"])
     # every layout trains 4 models on half of the 128-row pool for 1 epoch
@@ -69,6 +69,11 @@ def test_shadow_benchmark_quick(tmp_path):
     assert e["ratios"]["teams/loop_per_batch"] == pytest.approx(
         v["teams"]["examples_per_s"] / v["loop_per_batch"]["examples_per_s"]
     )
+    assert e["ratios"]["lanes/loop_per_batch"] == pytest.approx(
+        v["lanes"]["examples_per_s"] / v["loop_per_batch"]["examples_per_s"]
+    )
+    # the target is judged on the MLP's auto layout (lanes)
+    assert res["target"]["layout"] == "lanes"
     assert json.loads(out.read_text())["machine"]["cpu_count"] >= 1
 
 
