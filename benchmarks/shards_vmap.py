@@ -241,9 +241,7 @@ def make_variants(
             n = len(devs)
             for g in range(0, num_shards, n):
                 group = list(range(g, min(g + n, num_shards)))
-                st = {
-                    s: jax.device_put(tree_index(states, s), devs[s % n]) for s in group
-                }
+                st = {s: jax.device_put(tree_index(states, s), devs[s % n]) for s in group}
                 for e in range(epochs):
                     prepared = {s: prep_list(*on_dev[s], e) for s in group}
                     for b in range(len(prepared[group[0]][0])):
@@ -489,7 +487,9 @@ def run_child(args, model, tx, train, input_shape, layouts) -> dict:
         }
         for name in ("loop_per_batch", "loop_scan", "loop_per_batch_devices"):
             entry[f"examples_per_s_{name}"] = examples / median(times[name])
-            entry[f"mesh_over_{name}"] = entry["examples_per_s_mesh"] / entry[f"examples_per_s_{name}"]
+            entry[f"mesh_over_{name}"] = (
+                entry["examples_per_s_mesh"] / entry[f"examples_per_s_{name}"]
+            )
         # per round (a slow phase of the machine hits both sides alike): median over rounds
         entry["mesh_over_loop_per_batch_paired_median"] = median(
             [lp / t for lp, t in zip(times["loop_per_batch"], times["mesh"], strict=True)]
@@ -506,9 +506,9 @@ def run_child(args, model, tx, train, input_shape, layouts) -> dict:
                 parent = [ref[f"{which}_S{num_shards}_{i}"] for i in range(len(leaves))]
                 entry[f"mesh_vs_parent_{which}"] = params_diff(leaves, parent)
         entry["allclose_to_single_device"] = entry.get("mesh_vs_parent_program", {}).get("allclose")
-        entry["equal_to_single_device"] = entry.get("mesh_vs_parent_program", {}).get(
-            "max_abs_diff"
-        ) == 0.0
+        entry["equal_to_single_device"] = (
+            entry.get("mesh_vs_parent_program", {}).get("max_abs_diff") == 0.0
+        )
         results["shards"][str(num_shards)] = entry
     return results
 
@@ -593,7 +593,9 @@ def parse(argv):
     if args.epochs is None:
         args.epochs = 20 if args.model == "mlp" else 2
     args.lane_batch = (
-        None if args.lane_batch == "all" else resolve_lane_batch(
+        None
+        if args.lane_batch == "all"
+        else resolve_lane_batch(
             args.lane_batch if args.lane_batch == "auto" else int(args.lane_batch)
         )
     )

@@ -7,7 +7,8 @@ and its own key; a lane's result depends only on those, never on the other lanes
 
 One call of :func:`run_stage` trains every lane for ``epochs`` epochs. An epoch shuffles the
 lane's alive rows with :func:`epoch_order` and cuts them into ``⌈M / batch_size⌉`` fixed-size
-batches (padding masked). Two layouts, chosen by measurement (``benchmarks/fit_loop.py``):
+batches (padding masked; ``batches=`` asks for fewer when every lane's alive rows fit). Two
+layouts, chosen by measurement (``benchmarks/fit_loop.py``):
 
 * ``scan``: the whole stage (every epoch, every batch) is one call (``lax.scan`` of scans).
 * ``loop``: one call per batch; for models with convolutions, whose CPU kernels run many

@@ -514,3 +514,31 @@ def test_cli_unlearn_rejects_a_bad_lane_batch_before_loading_data(capsys, tmp_pa
         assert exc.value.code == 2
         assert "lane_batch must be" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
+
+
+def test_epochs_cut_to_the_largest_lane_equal_full_epochs_and_too_few_batches_raise():
+    # run_stage(batches=b): b batches per epoch instead of ceil(M / batch_size); with every
+    # lane's alive rows inside them the result is bitwise that of the full epochs (the batches
+    # dropped would hold padding only, which leaves a state unchanged)
+    data = _tabular(40, 5)
+    rng = np.random.default_rng(6)
+    masks = np.zeros((3, len(data)), np.float32)
+    for i, n in enumerate((9, 15, 4)):
+        masks[i, rng.choice(len(data), n, replace=False)] = 1
+    init = init_program(MODEL, TX, (D,))
+    states = tree_stack([jax.device_get(init(jax.random.PRNGKey(i))) for i in range(3)])
+    keys = np.stack([np.asarray(jax.random.PRNGKey(10 + i)) for i in range(3)])
+    block = Batch(
+        np.asarray(data.x),
+        np.asarray(data.y, np.int32),
+        np.asarray(data.a, np.int32),
+        np.asarray(data.idx),
+        masks,
+    )
+    common = {"epochs": 3, "batch_size": 4, "layout": "scan", "shared_data": True}
+    full = run_stage(MODEL, TX, states, block, keys, **common)  # 10 batches per epoch
+    cut = run_stage(MODEL, TX, states, block, keys, batches=4, **common)  # 15 rows -> 4
+    assert_bitwise(cut, full, "4 of 10 batches: ")
+    assert_lanes_distinct(full)
+    with pytest.raises(PrivDebiasError, match="cannot hold a lane's 15 rows"):
+        run_stage(MODEL, TX, states, block, keys, batches=3, **common)

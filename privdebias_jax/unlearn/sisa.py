@@ -1,4 +1,4 @@
-"""SISA training and exact forgetting: all shards as one vmapped program, checkpoints per slice.
+"""SISA training and exact forgetting: all shards as one program over a shard axis, checkpoints per slice.
 
 Bourtoule et al., "Machine Unlearning" (IEEE S&P 2021); the distributed step-wise unlearning
 of "Privacy-Preserving Debiasing using Data Augmentation and Machine Unlearning" (2024).
@@ -8,7 +8,8 @@ of "Privacy-Preserving Debiasing using Data Augmentation and Machine Unlearning"
 Bourtoule et al.'s ``e_t = ⌈2E/(R+1)⌉``, which makes a shard's total work that of ``E`` epochs
 on its data), starting from the state after stage ``t−1``; the state after every stage is
 checkpointed (orbax), and so is the initial state (checkpoint 0). All shards of a stage run in
-one ``jax.jit(jax.vmap(...))`` program over a stacked shard axis: the whole stage (every
+one jitted program over a stacked shard axis (``vmap``-ed or one after the other, see *Lanes
+per device*): the whole stage (every
 epoch's shuffle and every batch) is one call (``layout="scan"``), or one call per batch for
 convolutional models (``layout="loop"``: XLA's CPU convolutions are many times slower inside
 ``lax.scan``). With several devices the shard axis is split over a ``Mesh`` with
