@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax._src import xla_bridge  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
@@ -64,6 +63,7 @@ from privdebias_jax.multi import train_models, use_cpu_devices  # noqa: E402
 from privdebias_jax.privacy import shadow as sh  # noqa: E402
 from privdebias_jax.privacy.attacks import half_memberships  # noqa: E402
 from privdebias_jax.train import make_optimizer  # noqa: E402
+from privdebias_jax.types import PrivDebiasError  # noqa: E402
 
 TARGET_RATIO = 1.5
 TARGET_MODELS = 8
@@ -231,8 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.cpu_devices is not None:
         use_cpu_devices(args.cpu_devices)
-    elif not xla_bridge.backends_are_initialized():  # not when called inside a running process
-        use_cpu_devices(min(os.cpu_count() or 1, 8))
+    else:
+        try:
+            use_cpu_devices(min(os.cpu_count() or 1, 8))
+        except PrivDebiasError:
+            pass  # called inside a process where JAX already runs: keep its devices
     entries: dict[str, dict] = {}
     for name in args.models:
         entries[name] = {}

@@ -81,6 +81,7 @@ from privdebias_jax.multi import (  # noqa: E402
     default_mesh,
     epoch_order,
     init_program,
+    parse_lane_batch,
     resolve_lane_batch,
     resolve_layout,
     run_stage,
@@ -592,13 +593,7 @@ def parse(argv):
         args.repeats = 1
     if args.epochs is None:
         args.epochs = 20 if args.model == "mlp" else 2
-    args.lane_batch = (
-        None
-        if args.lane_batch == "all"
-        else resolve_lane_batch(
-            args.lane_batch if args.lane_batch == "auto" else int(args.lane_batch)
-        )
-    )
+    args.lane_batch = resolve_lane_batch(parse_lane_batch(args.lane_batch))
     return args
 
 

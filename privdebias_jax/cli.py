@@ -50,7 +50,7 @@ def _positive_int(text: str) -> int:
 
 
 def _lane_batch(text: str) -> str:
-    from privdebias_jax.unlearn.driver import parse_lane_batch
+    from privdebias_jax.multi import parse_lane_batch
 
     try:
         parse_lane_batch(text)

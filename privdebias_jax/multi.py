@@ -133,7 +133,7 @@ def _lanes(fn, in_axes: tuple, lane_batch: int | None = None):
     vmapped = jax.vmap(fn, in_axes=in_axes)
 
     def one(*args):
-        lane = [_lane_at(arg, ax, 0) for arg, ax in zip(args, in_axes, strict=True)]
+        lane = _on_mapped(args, in_axes, lambda v: v[0])
         return jax.tree_util.tree_map(lambda v: v[None], fn(*lane))
 
     def call(*args):
@@ -147,7 +147,9 @@ def _lanes(fn, in_axes: tuple, lane_batch: int | None = None):
         run = one if k == 1 else vmapped
 
         def chunk(start, size):
-            return [_lane_slice(arg, ax, start, size) for arg, ax in zip(args, in_axes, strict=True)]
+            return _on_mapped(
+                args, in_axes, lambda v: jax.lax.dynamic_slice_in_dim(v, start, size, axis=0)
+            )
 
         full = width // k
         out = jax.lax.map(lambda c: run(*chunk(c * k, k)), jnp.arange(full))
@@ -161,27 +163,19 @@ def _lanes(fn, in_axes: tuple, lane_batch: int | None = None):
     return call
 
 
-def _lane_at(arg, ax, i: int):
-    """Lane ``i`` of ``arg`` mapped with ``vmap``'s ``in_axes`` entry ``ax`` (0, None or a tuple /
-    named tuple of them)."""
-    if ax is None:
-        return arg
-    if isinstance(ax, int):
-        return jax.tree_util.tree_map(lambda v: v[i], arg)
-    parts = [_lane_at(sub, a, i) for sub, a in zip(arg, ax, strict=True)]
-    return type(ax)(*parts) if hasattr(ax, "_fields") else type(ax)(parts)
+def _on_mapped(args, in_axes, f):
+    """``args`` with ``f`` applied to every leaf mapped by ``vmap``'s ``in_axes`` (entries 0,
+    None or tuples / named tuples of them); unmapped arguments pass unchanged."""
 
+    def walk(arg, ax):
+        if ax is None:
+            return arg
+        if isinstance(ax, int):
+            return jax.tree_util.tree_map(f, arg)
+        parts = [walk(sub, a) for sub, a in zip(arg, ax, strict=True)]
+        return type(ax)(*parts) if hasattr(ax, "_fields") else type(ax)(parts)
 
-def _lane_slice(arg, ax, start, size: int):
-    """Lanes ``start .. start + size − 1`` of ``arg`` (``start`` may be traced), as :func:`_lane_at`."""
-    if ax is None:
-        return arg
-    if isinstance(ax, int):
-        return jax.tree_util.tree_map(
-            lambda v: jax.lax.dynamic_slice_in_dim(v, start, size, axis=0), arg
-        )
-    parts = [_lane_slice(sub, a, start, size) for sub, a in zip(arg, ax, strict=True)]
-    return type(ax)(*parts) if hasattr(ax, "_fields") else type(ax)(parts)
+    return [walk(arg, ax) for arg, ax in zip(args, in_axes, strict=True)]
 
 
 def _wrap(
@@ -303,6 +297,30 @@ def resolve_lane_batch(lane_batch: int | str | None) -> int | None:
     return int(lane_batch)
 
 
+def parse_lane_batch(text: str | int | None) -> int | str | None:
+    """The text form of ``lane_batch`` (CLI, configs): ``"auto"`` → ``"auto"``, ``"all"`` (or
+    ``None``) → ``None`` (one ``vmap`` of every lane), a positive integer (or its digits) → that
+    integer; the result goes to :func:`resolve_lane_batch`.
+
+    Raises:
+      PrivDebiasError: anything else.
+    """
+    if text is None or text == "all":
+        return None
+    if text == "auto":
+        return "auto"
+    value = 0
+    if isinstance(text, (int, np.integer)) and not isinstance(text, (bool, np.bool_)):
+        value = int(text)
+    elif isinstance(text, str) and text.isdigit():
+        value = int(text)
+    if value < 1:
+        raise PrivDebiasError(
+            f"lane_batch must be 'auto', 'all' or a positive integer, got {text!r}"
+        )
+    return value
+
+
 def use_cpu_devices(count: int) -> int:
     """Split the host CPU into ``count`` JAX devices (``jax_num_cpu_devices``); returns the count.
 
@@ -383,11 +401,12 @@ def run_stage(
     Raises:
       PrivDebiasError: ``batches`` too few for some lane's alive rows.
     """
-    rows_alive = int(np.max(np.sum(np.asarray(data.mask) > 0, axis=1)))
-    if batches is not None and int(batches) * int(batch_size) < rows_alive:
-        raise PrivDebiasError(
-            f"batches={batches} of {batch_size} rows cannot hold a lane's {rows_alive} rows"
-        )
+    if batches is not None:
+        rows_alive = int(np.max(np.sum(np.asarray(data.mask) > 0, axis=1)))
+        if int(batches) * int(batch_size) < rows_alive:
+            raise PrivDebiasError(
+                f"batches={batches} of {batch_size} rows cannot hold a lane's {rows_alive} rows"
+            )
     lane_batch = resolve_lane_batch(lane_batch)
     rows = int(np.shape(data.mask)[1])
     width = int(np.shape(data.mask)[0])
@@ -515,6 +534,7 @@ __all__ = [
     "default_mesh",
     "epoch_order",
     "init_program",
+    "parse_lane_batch",
     "put",
     "resolve_lane_batch",
     "resolve_layout",

@@ -30,6 +30,7 @@ from privdebias_jax.data.dataset import Batch
 from privdebias_jax.models import create_model
 from privdebias_jax.multi import (
     init_program,
+    parse_lane_batch,
     resolve_lane_batch,
     run_stage,
     train_models,
@@ -46,7 +47,6 @@ from privdebias_jax.unlearn import (
     make_plan,
     train_shards,
 )
-from privdebias_jax.unlearn.driver import parse_lane_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 6

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from privdebias_jax.config import get_config
+from privdebias_jax.multi import parse_lane_batch
 from privdebias_jax.pipeline import evaluate_model, load_splits, spec_from_config
 from privdebias_jax.report import write_json
 from privdebias_jax.train import TrainState, create_train_state, fit
@@ -57,29 +58,6 @@ def get_unlearn_config(
     c.unlearn.aggregate = "mean_softmax"
     c.unlearn.baselines = "retrain,newton"
     return c
-
-
-def parse_lane_batch(text: str | int | None) -> int | str | None:
-    """``"auto"`` → ``"auto"``, ``"all"`` (or ``None``) → ``None`` (one ``vmap`` of every lane), a
-    positive integer (or its text) → that integer.
-
-    Raises:
-      PrivDebiasError: anything else.
-    """
-    if text is None or text == "all":
-        return None
-    if text == "auto":
-        return "auto"
-    value = 0
-    if isinstance(text, (int, np.integer)) and not isinstance(text, (bool, np.bool_)):
-        value = int(text)
-    elif isinstance(text, str) and text.isdigit():
-        value = int(text)
-    if value < 1:
-        raise PrivDebiasError(
-            f"lane_batch must be 'auto', 'all' or a positive integer, got {text!r}"
-        )
-    return value
 
 
 def read_ids(path: str | os.PathLike) -> np.ndarray:
