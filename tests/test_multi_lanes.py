@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from shared_checks import assert_state_bitwise_equal, child_result
 
 from privdebias_jax.cli import main as cli_main
 from privdebias_jax.data import make_dataset, remove_ids
@@ -96,17 +97,6 @@ def _leaves(tree):
     return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
 
 
-def assert_bitwise(a, b, what=""):
-    fa, ta = jax.tree_util.tree_flatten_with_path(a)
-    fb, tb = jax.tree_util.tree_flatten_with_path(b)
-    assert ta == tb, f"{what}: tree structures differ"
-    for (path, x), (_, y) in zip(fa, fb, strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        name = f"{what}{jax.tree_util.keystr(path)}"
-        assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert np.array_equal(x, y), f"{name} differs (max |Δ| = {np.max(np.abs(x - y))})"
-
-
 def assert_close(a, b, what=""):
     for i, (x, y) in enumerate(zip(_leaves(a), _leaves(b), strict=True)):
         assert x.dtype == y.dtype and x.shape == y.shape, f"{what} leaf {i}"
@@ -165,14 +155,14 @@ def test_run_stage_lane_batch_matches_each_lane_alone(layout):
         )
 
     one_by_one = run(1)
-    assert_bitwise(one_by_one, alone, f"{layout} lane_batch=1: ")
+    assert_state_bitwise_equal(one_by_one, alone, f"{layout} lane_batch=1: ")
     # chunks of vmapped lanes: 2 + 2 + a single remainder lane; 3 + a remainder of 2 lanes
     for lane_batch in (2, 3):
         assert_close(run(lane_batch), alone, f"{layout} lane_batch={lane_batch}")
     everything = run(None)
     assert_close(everything, alone, f"{layout} lane_batch=None")
     # a lane_batch of at least the width is the one vmap of every lane
-    assert_bitwise(run(W + 2), everything, f"{layout} lane_batch={W + 2} vs None: ")
+    assert_state_bitwise_equal(run(W + 2), everything, f"{layout} lane_batch={W + 2} vs None: ")
 
 
 @pytest.mark.parametrize("layout", ["scan", "loop"])
@@ -210,13 +200,13 @@ def test_train_models_lane_batch_matches_each_model_alone(layout):
             shared_data=True,
             lane_batch=1,
         )
-        assert_bitwise(_lanes_of(alone, i, i + 1), by_hand, f"model {i} by hand: ")
+        assert_state_bitwise_equal(_lanes_of(alone, i, i + 1), by_hand, f"model {i} by hand: ")
 
     together = train_models(MODEL, TX, data, masks, key, width=4, lane_batch=1, **common)
-    assert_bitwise(together, alone, f"{layout} width=4 lane_batch=1: ")
+    assert_state_bitwise_equal(together, alone, f"{layout} width=4 lane_batch=1: ")
     # width 3: a second program of one model and two padding lanes
     padded = train_models(MODEL, TX, data, masks, key, width=3, lane_batch=1, **common)
-    assert_bitwise(padded, alone, f"{layout} width=3 lane_batch=1: ")
+    assert_state_bitwise_equal(padded, alone, f"{layout} width=3 lane_batch=1: ")
     vmapped = train_models(MODEL, TX, data, masks, key, width=4, lane_batch=None, **common)
     assert_close(vmapped, alone, f"{layout} width=4 lane_batch=None")
 
@@ -277,7 +267,7 @@ def _reference(directory, ids, **kw) -> SISAModel:
 
 def _assert_shards_bitwise(a: SISAModel, b: SISAModel, what: str):
     for s in range(S):
-        assert_bitwise(a.shard_state(s), b.shard_state(s), f"{what} shard {s}")
+        assert_state_bitwise_equal(a.shard_state(s), b.shard_state(s), f"{what} shard {s}")
 
 
 def _meta(directory) -> dict:
@@ -438,25 +428,12 @@ def _spawn(code: str) -> subprocess.Popen:
     )
 
 
-def _result(proc: subprocess.Popen) -> tuple[dict, str]:
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-4000:]
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    assert len(lines) == 1, stdout[-2000:]
-    return json.loads(lines[0][len("RESULT ") :]), stderr
-
-
 @pytest.fixture(scope="module")
 def children():
     """Both child processes, run side by side."""
     procs = {"api": _spawn(CHILD_API), "cli": _spawn(CHILD_CLI)}
     try:
-        return {name: _result(proc) for name, proc in procs.items()}
+        return {name: child_result(proc, timeout=300) for name, proc in procs.items()}
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -538,7 +515,7 @@ def test_epochs_cut_to_the_largest_lane_equal_full_epochs_and_too_few_batches_ra
     common = {"epochs": 3, "batch_size": 4, "layout": "scan", "shared_data": True}
     full = run_stage(MODEL, TX, states, block, keys, **common)  # 10 batches per epoch
     cut = run_stage(MODEL, TX, states, block, keys, batches=4, **common)  # 15 rows -> 4
-    assert_bitwise(cut, full, "4 of 10 batches: ")
+    assert_state_bitwise_equal(cut, full, "4 of 10 batches: ")
     assert_lanes_distinct(full)
     with pytest.raises(PrivDebiasError, match="cannot hold a lane's 15 rows"):
         run_stage(MODEL, TX, states, block, keys, batches=3, **common)

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from shared_checks import assert_state_bitwise_equal
 
 from privdebias_jax.data import make_dataset, remove_ids, subset
 from privdebias_jax.models import create_model
@@ -101,17 +102,6 @@ def reference(directory, forgotten, ds=DATA, plan=PLAN, model=MODEL, **kw) -> SI
     if default:
         _REFERENCES[key] = sisa
     return sisa
-
-
-def assert_state_bitwise_equal(a, b, what=""):
-    fa, ta = jax.tree_util.tree_flatten_with_path(a)
-    fb, tb = jax.tree_util.tree_flatten_with_path(b)
-    assert ta == tb, f"{what}: tree structures differ"
-    for (path, x), (_, y) in zip(fa, fb, strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        name = f"{what}{jax.tree_util.keystr(path)}"
-        assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert np.array_equal(x, y), f"{name} differs (max |Δ| = {np.max(np.abs(x - y))})"
 
 
 def assert_shards_equal(sisa: SISAModel, ref: SISAModel):

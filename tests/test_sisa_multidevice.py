@@ -11,7 +11,6 @@ states match the single-device ones up to float rounding.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_checks import child_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,18 +105,10 @@ def _start(tmp_path: Path, devices: int) -> tuple[subprocess.Popen, Path]:
 
 
 def _finish(proc: subprocess.Popen, out: Path) -> tuple[dict, dict]:
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-4000:]
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    assert len(lines) == 1, stdout[-2000:]
+    result, _ = child_result(proc, timeout=600)
     with np.load(out) as f:
         arrays = {k: f[k] for k in f.files}
-    return json.loads(lines[0][len("RESULT ") :]), arrays
+    return result, arrays
 
 
 @pytest.fixture(scope="module")
