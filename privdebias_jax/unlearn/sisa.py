@@ -9,10 +9,9 @@ Bourtoule et al.'s ``e_t = ⌈2E/(R+1)⌉``, which makes a shard's total work th
 on its data), starting from the state after stage ``t−1``; the state after every stage is
 checkpointed (orbax), and so is the initial state (checkpoint 0). All shards of a stage run in
 one jitted program over a stacked shard axis (``vmap``-ed or one after the other, see *Lanes
-per device*): the whole stage (every
-epoch's shuffle and every batch) is one call (``layout="scan"``), or one call per batch for
-convolutional models (``layout="loop"``: XLA's CPU convolutions are many times slower inside
-``lax.scan``). With several devices the shard axis is split over a ``Mesh`` with
+per device*): the whole stage (every epoch's shuffle and every batch) is one call
+(``layout="scan"``), or one call per batch for convolutional models (``layout="loop"``: XLA's
+CPU convolutions are many times slower inside ``lax.scan``). With several devices the shard axis is split over a ``Mesh`` with
 ``jax.shard_map``.
 
 **Program width.** A program trains exactly ``W`` shard lanes (``program_width``, default
@@ -27,9 +26,9 @@ the program: a lane's working set stays in cache, and its result is the same bit
 every width and on any number of devices) and one ``vmap`` of all lanes on accelerators. The
 resolved value is part of the directory's configuration; ``"auto"`` on an existing directory
 takes the value it was trained with (one ``vmap``, ``None``, for directories written before the
-setting existed), so such directories resume and forget exactly as before. With the CPU split into one device per
-core (``privdebias --cpu-devices N``, :func:`privdebias_jax.multi.use_cpu_devices`) the lanes
-of a program run on all cores at once.
+setting existed), so such directories resume and forget exactly as before. With the CPU split
+into one device per core (``privdebias --cpu-devices N``,
+:func:`privdebias_jax.multi.use_cpu_devices`) the lanes of a program run on all cores at once.
 
 **Forgetting.** :meth:`SISAModel.forget` records the ids in the :class:`Ledger` (atomically,
 before anything else), restores each affected shard from the checkpoint before its earliest
