@@ -164,22 +164,30 @@ def _cmd_debias(args: argparse.Namespace) -> int:
     import ml_collections
 
     from privdebias_jax.config import get_fmd_config
+    from privdebias_jax.debias import get_debias_method
     from privdebias_jax.pipeline import TrainedModel, debias_and_evaluate, load_model, load_splits
 
-    if args.method != "fmd":
-        raise PrivDebiasError(f"unknown debiasing method {args.method!r}; available: fmd")
+    if args.method is not None:
+        get_debias_method(args.method)  # an unknown name fails before any work
     trained = None
     if args.from_dir:
         src = Path(args.from_dir)
+        if (src / "model.json").is_file() and not (src / "results.json").is_file():
+            src = src.parent  # a saved model folder (train's or run's DIR/model)
         results_file = src / "results.json"
-        if not results_file.is_file():
+        if not results_file.is_file() or not (src / "model" / "model.json").is_file():
             raise PrivDebiasError(
-                f"--from {src}: no results.json (train the model with `privdebias train --out {src}`)"
+                f"--from {Path(args.from_dir)}: expected a `privdebias train --out DIR` folder "
+                "(DIR/results.json and DIR/model) or its model folder"
             )
-        saved = ml_collections.ConfigDict(json.loads(results_file.read_text())["config"])
+        saved_results = json.loads(results_file.read_text())
+        if "config" not in saved_results:
+            raise PrivDebiasError(f"--from {src}: results.json holds no training config")
+        saved = ml_collections.ConfigDict(saved_results["config"])
         config = get_fmd_config(saved.dataset, args.preset)
         for field in saved:
-            config[field] = saved[field]
+            if field != "fmd":
+                config[field] = saved[field]
         model, state, spec = load_model(src / "model")
         trained = TrainedModel(model, state, spec, load_splits(config), {})
     elif args.config or args.dataset:
@@ -189,22 +197,32 @@ def _cmd_debias(args: argparse.Namespace) -> int:
             config[field] = base[field]
     else:
         raise PrivDebiasError("--dataset, --config or --from is required")
+    damping = args.damping
+    if damping is not None and any(not (d > 0) for d in damping):
+        raise PrivDebiasError(f"--damping must be > 0, got {damping}")
     overrides = {
-        "mode": args.mode,
+        "method": args.method,
+        "variant": args.variant,
         "k": args.k,
-        "newton_iterations": args.newton_iterations,
-        "damping": args.damping,
+        "iterations": args.iterations,
         "proximal": args.proximal,
         "solver": args.solver,
         "select": args.select,
+        "replacement": args.replacement,
         "external_size": args.external_size,
     }
     for field, value in overrides.items():
         if value is not None:
             config.fmd[field] = value
+    if damping is not None:
+        config.fmd.damping = float(damping[0])
+        config.fmd.fmd_damping = tuple(float(d) for d in damping)
     out = Path(args.out)
     results = debias_and_evaluate(config, out, trained=trained, progress=not args.no_progress)
+    for line in results.get("warnings", []):
+        print(f"warning: {line}")
     summary = {
+        "method": results["method"],
         "before": {k: round(v, 4) for k, v in results["before"].items()},
         "after": {k: round(v, 4) for k, v in results["after"].items()},
         "debias_seconds": round(results["debias_seconds"], 3),
@@ -397,29 +415,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "debias",
-        help="debias a model (FMD: influence-function unlearning) and write DIR/results.json",
+        help="debias a trained model's last layer (proximal_finetune, fmd, head_retrain) and write DIR/results.json",
     )
-    p.add_argument("--method", default="fmd", help="debiasing method (fmd)")
+    p.add_argument(
+        "--method",
+        help="proximal_finetune (default: Newton-CG on D_ex and its counterfactuals), fmd (the "
+        "paper's single influence step) or head_retrain (the last layer retrained on "
+        "counterfactual-replaced training data)",
+    )
     add_training_options(p, dataset_required=False)
     p.add_argument(
         "--from",
         dest="from_dir",
-        help="a `privdebias train --out` directory to debias (else train first)",
+        help="a `privdebias train --out` directory or a saved model folder (DIR/model) to debias "
+        "(else train first)",
     )
     p.add_argument(
-        "--mode",
-        choices=("train", "external"),
-        help="use the training set, or the external set only",
+        "--variant",
+        choices=("external", "train"),
+        help="fmd: the step from the external set only, or from the training set ranked by influence",
     )
     p.add_argument(
-        "--k", type=_non_negative_int, help="harmful samples replaced (0 = all training samples)"
+        "--k", type=_non_negative_int, help="fmd --variant train / head_retrain: samples replaced (0 = all)"
     )
     p.add_argument(
-        "--newton-iterations", type=_positive_int, help="1 = the paper's single Newton step"
+        "--iterations", type=_positive_int, help="head_retrain / proximal_finetune: Newton steps (≥ 2)"
     )
-    p.add_argument("--damping", type=float, help="damping λ > 0 added to the Hessian")
     p.add_argument(
-        "--proximal", type=float, help="μ > 0 of the iterated external mode (keeps the head near the model)"
+        "--damping", type=float, nargs="+",
+        help="λ > 0 added to the Hessian (fmd: one or several values, chosen on D_ex by the guard)",
+    )
+    p.add_argument(
+        "--proximal", type=float, help="proximal_finetune: μ > 0 (keeps the head near the model)"
+    )
+    p.add_argument(
+        "--replacement", choices=("others", "all"),
+        help="head_retrain: counterfactual attribute drawn among the other values or among all",
     )
     p.add_argument(
         "--solver", help="inverse-HVP solver: exact, linear_head, cg, pcg, lissa, arnoldi, kfac, ekfac"

