@@ -96,7 +96,7 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model = "mlp"
     c.model_options = ml_collections.ConfigDict({"hidden": (32,)})
     c.batch_size, c.epochs = 64, 1
-    c.fmd.newton_iterations, c.fmd.cg_iterations, c.fmd.external_size = 1, 5, 24
+    c.fmd.iterations, c.fmd.cg_iterations, c.fmd.external_size = 2, 5, 24
     c.fmd.step_sizes = (0.5, 1.0)
     c.sync = get_sync_options(quick=True)
     c.sync.fmd_pass = bool(config.sync.fmd_pass)

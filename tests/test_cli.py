@@ -98,8 +98,8 @@ def test_run_quick_writes_the_results_folder(tmp_path, capsys):
     assert "accuracy, unbiased test" in report and f"{v['acc_unbiased']:.3f}" in report
     assert "{" not in report  # every placeholder filled
     # the FMD pass on the loop's result is its own column, measured like the others
-    assert "sync+FMD" in report and res["fmd_pass"]["num_params_updated"] > 0
-    assert res["measured"]["sync+FMD"]["data_kl_bias"] == res["measured"]["sync"]["data_kl_bias"]
+    assert "sync+proximal_finetune" in report and res["fmd_pass"]["num_params_updated"] > 0
+    assert res["measured"]["sync+proximal_finetune"]["data_kl_bias"] == res["measured"]["sync"]["data_kl_bias"]
     for fig in (
         "samples.png", "cell_accuracy_vanilla.png", "cell_accuracy_fmd.png", "training.png",
         "generated_per_cell.png", "rounds.png", "roc.png",

@@ -1,5 +1,6 @@
-"""FMD (Chen et al. 2023) against independent references: dense Hessians in NumPy, scipy
-minimisation of the modified objective, and the CLI end to end."""
+"""The influence-based debiasing methods (FMD: Chen et al. 2023; head_retrain;
+proximal_finetune) against independent references: dense Hessians in NumPy, scipy minimisation
+of the modified objective, hand-made collapses for the guard, and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from scipy.optimize import minimize
 
 from privdebias_jax.cli import main
 from privdebias_jax.data import Dataset, colored_mnist, concat, other_attribute, subset
-from privdebias_jax.debias.fmd import (
+from privdebias_jax.debias import fmd, get_debias_method, head_retrain, proximal_finetune, warnings_of
+from privdebias_jax.debias.counterfactual_update import (
     LinearHead,
     counterfactual_bias_value,
+    counterfactual_update,
     drop_ids,
-    fmd_debias,
     identify_bias,
     split_external,
 )
@@ -74,9 +76,10 @@ def _head_hessian_np(theta, feats, c):
 def test_single_newton_step_matches_dense_numpy(trained):
     splits, external, _, model, state = trained
     k = 40
-    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train, k=k,
-                     damping=0.05, solver="exact", newton_iterations=1, step_sizes=(1.0,), key=jax.random.key(3))
-    # the counterfactual colours are drawn from the same key split as fmd_debias does
+    res = counterfactual_update(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train, k=k,
+                     damping=0.05, solver="exact", newton_iterations=1, step_sizes=(1.0,), min_kept=0.0,
+                     max_acc_drop=1.0, key=jax.random.key(3))
+    # the counterfactual colours are drawn from the same key split as counterfactual_update does
     k1 = jax.random.split(jax.random.key(3), 2)[1]
     order = np.argsort(-res.influence.scores, kind="stable")[:k]
     # the reported harmful ids are the K most harmful by the returned scores, in that order
@@ -104,9 +107,9 @@ def test_single_newton_step_matches_dense_numpy(trained):
 def test_feature_space_path_equals_full_model_path(trained):
     splits, external, _, model, state = trained
     kw = dict(mode="train", train=splits.train, k=30, damping=0.1, solver="exact", newton_iterations=2,
-              step_sizes=(1.0,), key=jax.random.key(4))
-    fast = fmd_debias(model, state, external, splits.counterfactual, 10, **kw)
-    slow = fmd_debias(model, state, external, splits.counterfactual, 10, feature_cache=False, **kw)
+              step_sizes=(1.0,), min_kept=0.0, max_acc_drop=1.0, key=jax.random.key(4))
+    fast = counterfactual_update(model, state, external, splits.counterfactual, 10, **kw)
+    slow = counterfactual_update(model, state, external, splits.counterfactual, 10, feature_cache=False, **kw)
     assert fast.report["feature_space"] and not slow.report["feature_space"]
     np.testing.assert_allclose(np.asarray(fast.state.params["head"]["kernel"]),
                                np.asarray(slow.state.params["head"]["kernel"]), rtol=1e-3, atol=1e-4)
@@ -116,9 +119,9 @@ def test_feature_space_path_equals_full_model_path(trained):
 def test_iterated_newton_converges_to_retraining_the_head(trained):
     """Iterated Newton on the counterfactual-replaced set = the head retrained on it (scipy)."""
     splits, external, _, model, state = trained
-    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train,
+    res = counterfactual_update(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train,
                      k=len(splits.train), damping=0.01, solver="cg", newton_iterations=25, step_sizes=(1.0,),
-                     key=jax.random.key(5))
+                     min_kept=0.0, max_acc_drop=1.0, key=jax.random.key(5))
     k1 = jax.random.split(jax.random.key(5), 2)[1]
     cf = splits.counterfactual(splits.train, other_attribute(splits.train.a, 10, k1))
     feats, y = _features(model, state, cf), np.asarray(cf.y)
@@ -140,7 +143,7 @@ def test_iterated_newton_converges_to_retraining_the_head(trained):
 
 def test_fmd_lowers_external_bias_and_only_touches_the_head(trained):
     splits, external, rest, model, state = trained
-    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train,
+    res = counterfactual_update(model, state, external, splits.counterfactual, 10, mode="train", train=splits.train,
                      k=len(splits.train), damping=0.01, solver="cg", newton_iterations=10,
                      step_sizes=(0.25, 0.5, 1.0), max_acc_drop=0.05, key=jax.random.key(6))
     assert res.report["bias_external_after"] < res.report["bias_external_before"]
@@ -153,13 +156,13 @@ def test_fmd_lowers_external_bias_and_only_touches_the_head(trained):
 
 def test_external_mode_and_identify(trained):
     splits, external, _, model, state = trained
-    res = fmd_debias(model, state, external, splits.counterfactual, 10, mode="external", damping=0.1,
+    res = counterfactual_update(model, state, external, splits.counterfactual, 10, mode="external", damping=0.1,
                      solver="linear_head", step_sizes=(0.0, 0.5, 1.0), key=jax.random.key(7))
     assert res.report["mode"] == "external" and res.report["external_size"] == len(external)
     steps = {c["step"]: c["bias_external"] for c in res.report["candidates"]}
     assert steps[0.0] == pytest.approx(res.report["bias_external_before"], abs=1e-6)
     # above the threshold nothing changes
-    unchanged = fmd_debias(model, state, external, splits.counterfactual, 10, delta=1.0)
+    unchanged = counterfactual_update(model, state, external, splits.counterfactual, 10, delta=1.0)
     assert unchanged.report["updated"] is False and unchanged.state is state
     cf = splits.counterfactual(external, other_attribute(external.a, 10))
     flagged = identify_bias(model, state, {"colour": (external, cf)}, delta=0.01)
@@ -176,8 +179,8 @@ def test_iterated_external_mode_minimises_the_proximal_objective(trained):
     splits, external, _, model, state = trained
     mu = 0.05
     kw = dict(mode="external", newton_iterations=40, cg_iterations=60, proximal=mu, step_sizes=(1.0,),
-              max_acc_drop=1.0, key=jax.random.key(8))
-    res = fmd_debias(model, state, external, splits.counterfactual, 10, **kw)
+              max_acc_drop=1.0, min_kept=0.0, key=jax.random.key(8))
+    res = counterfactual_update(model, state, external, splits.counterfactual, 10, **kw)
     k0 = jax.random.split(jax.random.key(8), 2)[0]
     cf = splits.counterfactual(external, other_attribute(external.a, 10, k0))
     feats = np.concatenate([_features(model, state, external), _features(model, state, cf)])
@@ -198,11 +201,11 @@ def test_iterated_external_mode_minimises_the_proximal_objective(trained):
     assert hist[-1]["grad_norm"] < 1e-3 and res.report["proximal"] == mu and res.report["uses_training_set"] is False
     np.testing.assert_array_equal(np.asarray(state.params["dense_0"]["kernel"]),
                                   np.asarray(res.state.params["dense_0"]["kernel"]))
-    slow = fmd_debias(model, state, external, splits.counterfactual, 10, feature_cache=False, **kw)
+    slow = counterfactual_update(model, state, external, splits.counterfactual, 10, feature_cache=False, **kw)
     np.testing.assert_allclose(np.asarray(slow.state.params["head"]["kernel"]), np.asarray(new["kernel"]),
                                rtol=1e-3, atol=1e-4)
     # a larger μ keeps the head closer to the trained one
-    near = fmd_debias(model, state, external, splits.counterfactual, 10, **{**kw, "proximal": 1.0})
+    near = counterfactual_update(model, state, external, splits.counterfactual, 10, **{**kw, "proximal": 1.0})
     dist = lambda r: float(np.linalg.norm(np.asarray(r.state.params["head"]["kernel"]) - np.asarray(head["kernel"])))  # noqa: E731
     assert dist(near) < dist(res)
 
@@ -210,11 +213,16 @@ def test_iterated_external_mode_minimises_the_proximal_objective(trained):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(mode="nope"), "unknown FMD mode"),
+        (dict(mode="nope"), "unknown mode"),
+        (dict(replacement="some"), "unknown replacement"),
+        (dict(damping=(0.1, -1.0)), "damping must be > 0"),
+        (dict(select="^nothing/"), "matches no parameter"),
+        (dict(max_acc_drop=2.0), "max_acc_drop must be in"),
+        (dict(min_kept=-0.1), "min_kept must be in"),
         (dict(mode="train"), "needs the training set"),
         (dict(mode="train", train="TRAIN", k=0), "K must be in"),
         (dict(mode="train", train="TRAIN", k=10**6), "K must be in"),
-        (dict(damping=0.0), "damping > 0"),
+        (dict(damping=0.0), "damping must be > 0"),
         (dict(newton_iterations=3, proximal=0.0), "proximal > 0"),
         (dict(newton_iterations=3, proximal=float("nan")), "proximal > 0"),
         (dict(newton_iterations=3, cg_iterations=0), "cg_iterations must be"),
@@ -227,7 +235,7 @@ def test_bad_input(trained, kwargs, message):
     if kwargs.get("train") == "TRAIN":
         kwargs["train"] = splits.train
     with pytest.raises(PrivDebiasError, match=message):
-        fmd_debias(model, state, external, splits.counterfactual, 10, **kwargs)
+        counterfactual_update(model, state, external, splits.counterfactual, 10, **kwargs)
 
 
 def test_split_external_and_drop_ids(trained):
@@ -248,13 +256,14 @@ def test_linear_head_module_matches_model_head(trained):
     np.testing.assert_allclose(np.asarray(z), logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_cli_debias_end_to_end(tmp_path):
     out = tmp_path / "fmd"
     argv = ["debias", "--dataset", "colored-mnist", "--epochs", "20", "--image-size", "8", "--train-size", "300",
-            "--external-size", "100", "--newton-iterations", "5", "--no-progress", "--out", str(out)]
+            "--external-size", "100", "--iterations", "5", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["external_size"] == 100 and res["method"] == "fmd"
+    assert res["external_size"] == 100 and res["method"] == "proximal_finetune"
     assert res["num_params_updated"] == 101 * 10  # the 3×100 MLP's head
     assert res["after"]["counterfactual_bias"] < res["before"]["counterfactual_bias"]
     assert res["debias_seconds"] > 0 and (out / "model" / "model.json").is_file()
@@ -262,18 +271,23 @@ def test_cli_debias_end_to_end(tmp_path):
     src = tmp_path / "vanilla"
     assert main(["train", "--dataset", "colored-mnist", "--epochs", "2", "--image-size", "8", "--train-size", "300",
                  "--no-progress", "--out", str(src)]) == 0
-    assert main(["debias", "--from", str(src), "--external-size", "100", "--newton-iterations", "2",
-                 "--no-progress", "--out", str(tmp_path / "fmd2")]) == 0
+    # --from a training folder and from its model folder; FMD's one step by name
+    for src_dir, method in ((src, "fmd"), (src / "model", "head_retrain")):
+        assert main(["debias", "--from", str(src_dir), "--method", method, "--external-size", "100",
+                     "--iterations", "2", "--no-progress", "--out", str(tmp_path / f"d_{method}")]) == 0
+        assert json.loads((tmp_path / f"d_{method}" / "results.json").read_text())["method"] == method
     assert main(["debias", "--method", "end", "--dataset", "colored-mnist", "--out", str(tmp_path / "x")]) == 2
+    assert main(["debias", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")]) == 2
+    assert main(["debias", "--from", str(src), "--damping", "0", "--out", str(tmp_path / "z")]) == 2
 
 
 def test_closed_form_head_program_follows_the_generic_newton_cg(trained):
     """The class-major closed-form Newton-CG of the feature-space path takes the same steps as the
     generic forward-over-reverse program on the same head objective, and its candidate scores
     equal the full model's bias and accuracy."""
-    from privdebias_jax.debias.fmd import (
-        _bias_and_accuracy,
+    from privdebias_jax.debias.counterfactual_update import (
         _default_loss,
+        _pair_scores,
         _head_candidates,
         _proximal_newton,
         _proximal_newton_head,
@@ -309,8 +323,79 @@ def test_closed_form_head_program_follows_the_generic_newton_cg(trained):
         np.testing.assert_allclose(np.asarray(bias), np.asarray(sel["head/bias"]), rtol=1e-3, atol=1e-4)
     dk, db = kernel - head["kernel"], bias - head["bias"]
     mults = jnp.asarray([0.0, 0.5, 1.0], jnp.float32)
-    biases, accs = _head_candidates(head["kernel"], head["bias"], dk, db, mults, jnp.asarray(feats), jnp.asarray(both.y))
-    for m, b, acc in zip(np.asarray(mults), np.asarray(biases), np.asarray(accs), strict=True):
+    _, _, _, right0 = _pair_scores(model, state.params, state.model_state, both, None)
+    biases, accs, kepts = _head_candidates(head["kernel"], head["bias"], dk, db, mults, jnp.asarray(feats),
+                                           jnp.asarray(both.y), jnp.asarray(right0))
+    for m, b, acc, kept in zip(np.asarray(mults), np.asarray(biases), np.asarray(accs), np.asarray(kepts), strict=True):
         params = {**state.params, "head": {"kernel": head["kernel"] + m * dk, "bias": head["bias"] + m * db}}
-        ref_b, ref_acc = _bias_and_accuracy(model, params, state.model_state, both)
+        ref_b, ref_acc, ref_kept, _ = _pair_scores(model, params, state.model_state, both, right0)
         assert float(b) == pytest.approx(ref_b, abs=1e-5) and float(acc) == pytest.approx(ref_acc)
+        assert float(kept) == pytest.approx(ref_kept)
+
+
+def test_guard_rejects_a_collapse_that_lowers_the_bias(trained):
+    """A step that sends every prediction to one class has bias 0 on D_ex, yet the guard refuses
+    it: the predictions that were right are lost (kept ≈ 1/10), counted by hand."""
+    from privdebias_jax.debias.counterfactual_update import _pair_scores
+
+    splits, external, _, model, state = trained
+    cf = splits.counterfactual(external, other_attribute(external.a, 10, jax.random.key(0)))
+    both = Dataset(*(np.concatenate([np.asarray(getattr(external, f)), np.asarray(getattr(cf, f))])
+                     for f in ("x", "y", "a")), idx=np.arange(2 * len(external)))
+    head = state.params["head"]
+    collapsed = {**state.params, "head": {"kernel": jnp.zeros_like(head["kernel"]),
+                                          "bias": jnp.zeros_like(head["bias"]).at[3].set(50.0)}}
+    _, _, _, right0 = _pair_scores(model, state.params, {}, both, None)
+    b, acc, kept, _ = _pair_scores(model, collapsed, {}, both, right0)
+    y = np.asarray(both.y)
+    assert b == pytest.approx(0.0, abs=1e-6) and acc == pytest.approx(np.mean(y == 3))
+    assert kept == pytest.approx(np.mean(y[right0] == 3))
+    assert kept < 0.5  # so min_kept = 0.5 rejects it
+
+
+def test_named_methods_are_the_engine_with_their_settings(trained):
+    """fmd = one step, head_retrain = the training-set Newton iterations, proximal_finetune = the
+    iterated external mode: bitwise the engine with the same settings; unknown names refused."""
+    splits, external, _, model, state = trained
+    cf, na, key = splits.counterfactual, 10, jax.random.key(11)
+    a = fmd(model, state, external, cf, na, damping=0.1, step_sizes=(1.0,), min_kept=0.0, max_acc_drop=1.0, key=key)
+    b = counterfactual_update(model, state, external, cf, na, mode="external", damping=0.1, newton_iterations=1,
+                              step_sizes=(1.0,), min_kept=0.0, max_acc_drop=1.0, key=key)
+    np.testing.assert_array_equal(np.asarray(a.state.params["head"]["kernel"]), np.asarray(b.state.params["head"]["kernel"]))
+    assert a.report["method"] == "fmd" and a.report["newton_iterations"] == 1
+    c = head_retrain(model, state, splits.train, external, cf, na, k=50, iterations=3, damping=0.1, solver="exact",
+                     min_kept=0.0, max_acc_drop=1.0, key=key)
+    d = counterfactual_update(model, state, external, cf, na, mode="train", train=splits.train, k=50,
+                              newton_iterations=3, damping=0.1, solver="exact", min_kept=0.0, max_acc_drop=1.0, key=key)
+    np.testing.assert_array_equal(np.asarray(c.state.params["head"]["kernel"]), np.asarray(d.state.params["head"]["kernel"]))
+    assert c.report["method"] == "head_retrain" and c.report["harmful_ids"] == d.report["harmful_ids"]
+    e = proximal_finetune(model, state, external, cf, na, proximal=0.05, iterations=5, min_kept=0.0,
+                          max_acc_drop=1.0, key=key)
+    assert e.report["method"] == "proximal_finetune" and e.report["proximal"] == 0.05
+    assert get_debias_method("fmd") is fmd
+    with pytest.raises(PrivDebiasError, match="unknown debiasing method 'nope'; available: fmd"):
+        get_debias_method("nope")
+    with pytest.raises(PrivDebiasError, match="unknown FMD variant"):
+        fmd(model, state, external, cf, na, variant="both")
+    with pytest.raises(PrivDebiasError, match="at least 2 attribute values"):
+        fmd(model, state, external, cf, 1)
+    with pytest.raises(PrivDebiasError, match="iterations ≥ 2"):
+        head_retrain(model, state, splits.train, external, cf, na, iterations=1)
+    with pytest.raises(PrivDebiasError, match="proximal > 0"):
+        proximal_finetune(model, state, external, cf, na, proximal=0.0)
+
+
+def test_fmd_damping_grid_picks_the_qualifying_candidate_with_the_lowest_external_bias(trained):
+    splits, external, _, model, state = trained
+    res = fmd(model, state, external, splits.counterfactual, 10, damping=(0.01, 0.1, 1.0),
+              step_sizes=(0.25, 1.0), key=jax.random.key(12))
+    cands = res.report["candidates"]
+    assert {c["damping"] for c in cands if c["step"] > 0} == {0.01, 0.1, 1.0} and len(cands) == 1 + 3 * 2
+    ok = [c for c in cands if c["qualified"]]
+    best = min(ok, key=lambda c: (c["bias_external"], c["step"]))
+    assert (res.report["step"], res.report["damping_chosen"]) == (best["step"], best["damping"])
+    for c in cands:
+        if c["step"] > 0:
+            assert c["qualified"] == (c["acc_external"] >= res.report["acc_external_before"] - 0.05 and c["kept"] >= 0.5)
+    if res.report["kept_original"]:
+        assert any("guard rejected every step" in w for w in warnings_of(res.report))

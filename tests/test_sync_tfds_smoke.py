@@ -201,7 +201,7 @@ def test_sync_cifar10_quick_on_mock_data(tmp_path, perfect_generator):
     assert base.min() >= -1e-5 and base.max() <= 0.5 + 1e-5
     # FMD ran (counterfactuals exist) and the report has its column and the FMD pass
     assert res["fmd"] is not None and res["fmd_pass"] is not None
-    assert {"vanilla", "FMD", "SISA", "naive", "sync", "sync+FMD"} == set(res["measured"])
+    assert {"vanilla", "proximal_finetune", "SISA", "naive", "sync", "sync+proximal_finetune"} == set(res["measured"])
     assert "counterfactual bias" in (out / "report.md").read_text()
     _check_report(res, out)
 
@@ -225,6 +225,6 @@ def test_sync_celeba_quick_on_mock_data(tmp_path, perfect_generator):
     assert res["fmd"] is None and res["fmd_pass"] is None
     assert {"vanilla", "SISA", "naive", "sync"} == set(res["measured"])
     report = (out / "report.md").read_text()
-    assert "FMD and the loop's FMD pass were skipped" in report and "counterfactual bias B" not in report
+    assert "Debiasing and the loop's proximal_finetune pass were skipped" in report and "counterfactual bias B" not in report
     assert all("counterfactual_bias" not in h for h in res["sync"]["history"])
     _check_report(res, out)
