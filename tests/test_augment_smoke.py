@@ -41,6 +41,8 @@ from privdebias_jax.data import Dataset, biased_mnist, next_free_id
 from privdebias_jax.data.mnist import PALETTE, colorize
 from privdebias_jax.types import PrivDebiasError
 
+pytestmark = pytest.mark.integration
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,6 +18,8 @@ from privdebias_jax.metrics import counterfactual_bias_from_logits
 from privdebias_jax.pipeline import load_model, load_splits
 from privdebias_jax.train import predict
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--image-size", "8", "--train-size", "300", "--no-progress"]
 

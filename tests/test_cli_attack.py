@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from privdebias_jax.cli import main
+
+pytestmark = pytest.mark.integration
 
 
 def test_attack_cli_writes_every_attack(tmp_path, capsys):

@@ -10,6 +10,8 @@ import pytest
 from privdebias_jax.cli import main
 from privdebias_jax.unlearn.driver import read_ids
 
+pytestmark = pytest.mark.integration
+
 TINY = [
     "--train-size",
     "240",

@@ -15,7 +15,13 @@ from scipy.optimize import minimize
 
 from privdebias_jax.cli import main
 from privdebias_jax.data import Dataset, colored_mnist, concat, other_attribute, subset
-from privdebias_jax.debias import fmd, get_debias_method, head_retrain, proximal_finetune, warnings_of
+from privdebias_jax.debias import (
+    fmd,
+    get_debias_method,
+    head_retrain,
+    proximal_finetune,
+    warnings_of,
+)
 from privdebias_jax.debias.counterfactual_update import (
     LinearHead,
     counterfactual_bias_value,
@@ -287,8 +293,8 @@ def test_closed_form_head_program_follows_the_generic_newton_cg(trained):
     equal the full model's bias and accuracy."""
     from privdebias_jax.debias.counterfactual_update import (
         _default_loss,
-        _pair_scores,
         _head_candidates,
+        _pair_scores,
         _proximal_newton,
         _proximal_newton_head,
     )

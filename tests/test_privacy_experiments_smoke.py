@@ -21,6 +21,8 @@ from privdebias_jax.train import make_optimizer, predict
 from privdebias_jax.types import PrivDebiasError
 from privdebias_jax.unlearn import make_plan, train_shards
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

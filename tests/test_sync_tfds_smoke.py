@@ -38,7 +38,7 @@ from privdebias_jax.metrics import fairness  # noqa: E402
 from privdebias_jax.types import PrivDebiasError  # noqa: E402
 
 # tensorflow_datasets leaves temp folders behind on mock data: keep them in tmp_path
-pytestmark = pytest.mark.usefixtures("contained_tempdir")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("contained_tempdir")]
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 160  # mock records per split
