@@ -144,12 +144,13 @@ def run_seed(setting: str, seed: int, args) -> dict[str, Any]:
     def record(name: str, fn, **info) -> None:
         try:
             res, cold, warm = timed(fn, repeats)
+            measured = quality(model, res.state, splits, eval_key)
         except Exception as err:  # a solver that cannot run on this problem is reported, not hidden
             runs[name] = {"error": f"{type(err).__name__}: {err}", **info}
             return
         r = res.report
         runs[name] = {
-            **info, **quality(model, res.state, splits, eval_key), "seconds_cold": cold, "seconds_warm": warm,
+            **info, **measured, "seconds_cold": cold, "seconds_warm": warm,
             "step": r.get("step"), "damping_chosen": r.get("damping_chosen"), "kept_original": r.get("kept_original"),
             "converged": (r.get("solver_diagnostics") or {}).get("converged"), "warnings": warnings_of(r),
         }

@@ -405,3 +405,14 @@ def test_fmd_damping_grid_picks_the_qualifying_candidate_with_the_lowest_externa
             assert c["qualified"] == (c["acc_external"] >= res.report["acc_external_before"] - 0.05 and c["kept"] >= 0.5)
     if res.report["kept_original"]:
         assert any("guard rejected every step" in w for w in warnings_of(res.report))
+
+
+def test_a_diverged_solver_step_is_never_taken_and_is_said(trained):
+    """LiSSA with a scale far below the curvature blows up to inf/NaN: the guard refuses that step
+    and the warning names it."""
+    splits, external, _, model, state = trained
+    res = fmd(model, state, external, splits.counterfactual, 10, damping=0.1, solver="lissa",
+              solver_options={"scale": 1e-4, "depth": 200}, min_kept=0.0, max_acc_drop=1.0, key=jax.random.key(2))
+    assert res.report["non_finite_steps"] and res.report["kept_original"]
+    np.testing.assert_array_equal(np.asarray(res.state.params["head"]["kernel"]), np.asarray(state.params["head"]["kernel"]))
+    assert any("holds NaN or inf" in w for w in warnings_of(res.report))

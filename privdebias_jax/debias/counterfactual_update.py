@@ -440,6 +440,10 @@ def counterfactual_update(
     multipliers = sorted({0.0, *(float(x) for x in step_sizes)})  # step 0 = keep the model
     candidates = []
     for lam, update in updates:
+        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(update.delta))
+        if not finite:
+            report.setdefault("non_finite_steps", []).append(
+                {"damping": float(lam), "solver": update.diagnostics.solver})
         if fast:  # every candidate's logits on the cached features in one compiled call
             head, dhead = work_state.params["head"], merge_params(update.delta, {})["head"]
             biases, accs, kepts = jax.device_get(_head_candidates(
@@ -448,13 +452,18 @@ def counterfactual_update(
         for j, m in enumerate(multipliers):
             if m == 0.0 and candidates:
                 continue
+            if m == 0.0:  # the model as it was (never θ + 0·Δ, which is NaN where Δ is inf)
+                candidates.append({"step": 0.0, "damping": float(lam), "bias_external": bias_before,
+                                   "acc_external": acc_before, "kept": 1.0, "qualified": True,
+                                   "params": work_state.params, "diagnostics": update.diagnostics})
+                continue
             sel = jax.tree_util.tree_map(lambda p, d, m=m: p + m * d, problem.selected, update.delta)
             params = problem.with_selected(sel)
             if fast:
                 b, acc, kept = float(biases[j]), float(accs[j]), float(kepts[j])
             else:
                 b, acc, kept, _ = _pair_scores(work_model, params, ms, both_w, correct_before)
-            ok = (m == 0.0) or (acc >= acc_before - max_acc_drop and kept >= min_kept)
+            ok = finite and np.isfinite(b) and acc >= acc_before - max_acc_drop and kept >= min_kept
             candidates.append({"step": float(m), "damping": float(lam), "bias_external": b, "acc_external": acc,
                                "kept": kept, "qualified": bool(ok), "params": params,
                                "diagnostics": update.diagnostics})
@@ -500,6 +509,9 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
             f"pair accuracy {worst['acc_external']:.3f} vs {report['acc_external_before']:.3f} before, "
             f"kept {worst['kept']:.3f})")
         lines.append(f"{name}: the guard rejected every step on D_ex{detail}; the model is unchanged")
+    for bad in report.get("non_finite_steps", []):
+        lines.append(f"{name}: the step at λ={bad['damping']} holds NaN or inf (solver {bad['solver']} diverged); "
+                     "it was not taken")
     diag = report.get("solver_diagnostics") or {}
     if diag and not diag.get("converged", True):
         lines.append(f"{name}: solver {diag.get('solver', report.get('solver'))} did not converge "
