@@ -82,7 +82,7 @@ def get_fmd_config(dataset: str = "colored-mnist", preset: str = "cpu") -> ml_co
     c.fmd.method = "proximal_finetune"
     c.fmd.variant = "external"
     c.fmd.k = 0
-    c.fmd.iterations = 10
+    c.fmd.iterations = 30
     c.fmd.damping = 0.01
     c.fmd.fmd_damping = (0.01, 0.1, 1.0)
     c.fmd.solver = "cg"

@@ -383,7 +383,7 @@ def run_debias_method(
         k = int(f.k) if int(f.k) > 0 else None
         return method(*common, splits.train, external, splits.counterfactual, splits.num_attributes, k=k,
                       replacement=str(f.get("replacement", "others")), iterations=int(f.iterations),
-                      damping=float(f.damping), solver=str(f.solver), **guard)
+                      cg_iterations=int(f.cg_iterations), damping=float(f.damping), solver=str(f.solver), **guard)
     return method(*common, external, splits.counterfactual, splits.num_attributes, proximal=float(f.proximal),
                   iterations=int(f.iterations), cg_iterations=int(f.cg_iterations), **guard)
 

@@ -19,9 +19,10 @@ The steps, on the parameter subset ``S`` (the last layer by default):
    the harmful samples (see :mod:`privdebias_jax.influence.influence` for the sign convention).
 3. **Remove**: ``Δθ = (1/n) (H + λI)⁻¹ Σ_k (∇ℓ(z_k) − ∇ℓ(z̄_k))`` (``mode="train"``), or the same
    built from the external pairs alone with ``H`` over ``D_ex`` and ``n = |D_ex|``
-   (``mode="external"``). ``newton_iterations > 1`` continues to the minimiser of the modified
-   objective (training mode: ``L'(θ)`` over ``(D \ top-K) ∪ cf(top-K)``; external mode:
-   ``L_ex(θ) = (1/2n) Σ_k [ℓ(z_k) + ℓ(z̄_k)] + (μ/2)‖θ_S − θ_S⁰‖²``).
+   (``mode="external"``). ``newton_iterations > 1`` instead minimises the modified objective
+   by Newton-CG (training mode: ``L'(θ) + (λ/2)‖θ_S − θ̂_S‖²`` with ``L'`` the mean loss over
+   ``(D \ top-K) ∪ cf(top-K)``, the proximal retraining that the damped step approximates;
+   external mode: ``L_ex(θ) = (1/2n) Σ_k [ℓ(z_k) + ℓ(z̄_k)] + (μ/2)‖θ_S − θ̂_S‖²``).
 4. **Guard**: every candidate ``θ + m·Δθ(λ)`` (step multipliers ``m`` and, for a damping grid,
    every ``λ``) is scored on ``D_ex`` alone: its bias, its accuracy on the pairs (originals and
    counterfactuals), and the fraction of the pair predictions that were right before the
@@ -190,6 +191,42 @@ def _pair_scores(work_model, params, ms, both_w: Dataset, correct_before: np.nda
     return bias, float(right.mean()), kept, right
 
 
+def _proximal_minimise(loss_fn, work_state, data_w: Dataset, select, model, ms, mu: float, *, fast: bool,
+                       iterations: int, cg_iterations: int, curvature: str):
+    """Minimise ``mean ℓ over data_w + (μ/2)‖θ_S − θ̂_S‖²`` by Newton-CG (closed-form products for a
+    cached-feature head); returns ``(NewtonUpdate, history)`` with the diagnostics of the outer
+    iteration (converged when ``‖∇‖ < 1e-5``)."""
+    t0 = time.perf_counter()
+    problem = make_problem(loss_fn, work_state.params, data_w, select=select, damping=mu, curvature=curvature,
+                           model=model, model_state=ms)
+    if fast:  # closed-form products of the linear softmax head on the cached features
+        head = work_state.params["head"]
+        kernel, bias, hist = _proximal_newton_head(
+            head["kernel"], head["bias"], jnp.asarray(data_w.x), jnp.asarray(data_w.y), jnp.float32(mu),
+            iterations=iterations, cg_iterations=cg_iterations,
+        )
+        sel = {"head/kernel": kernel, "head/bias": bias}
+    else:
+        sel, hist = _proximal_newton(
+            loss_fn, problem.selected, problem.frozen, problem.batch, ms, jnp.float32(mu),
+            iterations=iterations, cg_iterations=cg_iterations,
+        )
+    hist = jax.device_get(hist)
+    steps_done = int(hist["steps_done"])
+    history = [
+        {"loss": float(hist["value"][i]), "grad_norm": float(hist["grad_norm"][i]), "step": float(hist["step"][i])}
+        for i in range(steps_done + 1)
+    ]
+    delta_sel = jax.tree_util.tree_map(lambda a, b: a - b, sel, problem.selected)
+    converged = bool(hist["grad_norm"][steps_done] < 1e-5)
+    diag = Diagnostics("proximal_newton_cg", steps_done, float(hist["grad_norm"][steps_done]),
+                       time.perf_counter() - t0, converged,
+                       {"cg_iterations": int(cg_iterations), "mu": float(mu),
+                        **({} if converged else {"hit_cap": steps_done >= iterations})})
+    update = NewtonUpdate(problem.with_selected(sel), delta_sel, diag, problem.num_params, time.perf_counter() - t0)
+    return update, history, problem
+
+
 def counterfactual_update(
     model: nn.Module,
     state: TrainState,
@@ -242,12 +279,12 @@ def counterfactual_update(
         the guard choosing among all of them on ``D_ex``.
       curvature: ``"hessian"`` or ``"gauss_newton"`` (equal for a linear softmax head).
       solver, solver_options: inverse-HVP solver by name (``exact``, ``linear_head``, ``cg``, ...).
-      newton_iterations: ``1`` is one Newton step; ``T > 1`` continues to the minimiser of the
-        modified objective (module docstring), training mode by ``T − 1`` further damped Newton
-        steps (Armijo, Levenberg-Marquardt damping), external mode by up to ``T`` Newton-CG steps
-        on ``L_ex`` (stopping at ``‖∇L_ex‖ < 1e-5``), jitted end to end.
+      newton_iterations: ``1`` is one Newton step; ``T > 1`` minimises the modified objective
+        (module docstring) by up to ``T`` Newton-CG steps (Armijo backtracking, stopping at
+        ``‖∇‖ < 1e-5``), jitted end to end; the proximal weight is ``λ`` in training mode and
+        ``μ = proximal`` in external mode.
       proximal: ``μ > 0`` of the iterated external mode.
-      cg_iterations: CG iterations per Newton step of the iterated external mode.
+      cg_iterations: CG iterations per Newton step of the iterated modes.
       step_sizes: multipliers ``m`` of the step tried, besides ``m = 0`` (the model unchanged).
       max_acc_drop: largest drop of the pair accuracy on ``D_ex`` a candidate may cause.
       min_kept: smallest fraction of the pair predictions right before the update that must
@@ -371,8 +408,9 @@ def counterfactual_update(
             t0 = time.perf_counter()
             problem = make_problem(loss_fn, work_state.params, train_w, select=work_select, damping=lam,
                                    curvature=curvature, model=work_model, model_state=ms)
-            prepared = solver_obj.prepare(problem)
-            if int(k) < len(train_w):
+            ranked = int(k) < len(train_w)
+            prepared = solver_obj.prepare(problem) if ranked or int(newton_iterations) == 1 else None
+            if ranked:
                 influence = _bias_influence(problem, work_model, train_w, ext_w, ext_cf, solver_obj, prepared)
                 rows = influence.top_k(k)
             else:  # every sample is replaced: no ranking needed
@@ -383,47 +421,22 @@ def counterfactual_update(
             harmful_raw = subset(train, rows)
             harmful_cf = to_work(counterfactual(
                 harmful_raw, _replacement_values(harmful_raw.a, num_attributes, replacement, keys[1])))
-            update = newton_update(problem, harmful, harmful_cf, solver=solver_obj, prepared=prepared)
-            if int(newton_iterations) > 1:
-                update, history = _continue_newton(
-                    problem, update, concat(drop_ids(train_w, harmful.idx), harmful_cf), solver_obj,
-                    int(newton_iterations) - 1, loss_fn, work_model, ms,
-                )
-                report["newton_history"] = history
+            if int(newton_iterations) > 1:  # retrain the subset on the modified data, proximal weight λ
+                update, report["newton_history"], problem = _proximal_minimise(
+                    loss_fn, work_state, concat(drop_ids(train_w, harmful.idx), harmful_cf), work_select,
+                    work_model, ms, lam, fast=fast, iterations=int(newton_iterations),
+                    cg_iterations=int(cg_iterations), curvature=curvature)
+            else:
+                update = newton_update(problem, harmful, harmful_cf, solver=solver_obj, prepared=prepared)
             report["k"] = int(k)
             report["harmful_ids"] = np.asarray(harmful.idx).tolist()
             report["harmful_fraction_aligned"] = float(np.mean(np.asarray(harmful.y) == np.asarray(harmful.a)))
         elif int(newton_iterations) > 1:  # iterated external mode: one compiled proximal Newton-CG
             t0 = time.perf_counter()
-            problem = make_problem(loss_fn, work_state.params, both_w, select=work_select, damping=lam,
-                                   curvature=curvature, model=work_model, model_state=ms)
-            if fast:  # closed-form products of the linear softmax head on the cached features
-                head = work_state.params["head"]
-                kernel, bias, hist = _proximal_newton_head(
-                    head["kernel"], head["bias"], jnp.asarray(both_w.x), jnp.asarray(both_w.y),
-                    jnp.float32(proximal), iterations=int(newton_iterations), cg_iterations=int(cg_iterations),
-                )
-                sel = {"head/kernel": kernel, "head/bias": bias}
-            else:
-                sel, hist = _proximal_newton(
-                    loss_fn, problem.selected, problem.frozen, problem.batch, ms, jnp.float32(proximal),
-                    iterations=int(newton_iterations), cg_iterations=int(cg_iterations),
-                )
-            hist = jax.device_get(hist)
-            steps_done = int(hist["steps_done"])
-            report["newton_history"] = [
-                {"loss": float(hist["value"][i]), "grad_norm": float(hist["grad_norm"][i]), "step": float(hist["step"][i])}
-                for i in range(steps_done + 1)
-            ]
+            update, report["newton_history"], problem = _proximal_minimise(
+                loss_fn, work_state, both_w, work_select, work_model, ms, float(proximal), fast=fast,
+                iterations=int(newton_iterations), cg_iterations=int(cg_iterations), curvature=curvature)
             report["proximal"] = float(proximal)
-            delta_sel = jax.tree_util.tree_map(lambda a, b: a - b, sel, problem.selected)
-            converged = bool(hist["grad_norm"][steps_done] < 1e-5)
-            diag = Diagnostics("proximal_newton_cg", steps_done, float(hist["grad_norm"][steps_done]),
-                               time.perf_counter() - t0, converged,
-                               {"cg_iterations": int(cg_iterations),
-                                **({} if converged else {"hit_cap": steps_done >= int(newton_iterations)})})
-            update = NewtonUpdate(problem.with_selected(sel), delta_sel, diag, problem.num_params,
-                                  time.perf_counter() - t0)
         else:
             t0 = time.perf_counter()
             problem = make_problem(loss_fn, work_state.params, ext_w, select=work_select, damping=lam,
@@ -649,51 +662,6 @@ def _newton_cg(f, grad, hvp_at, x0, *, iterations: int, cg_iterations: int):
     v0, g0 = f(x0), grad(x0)
     i, x, _, _, h = jax.lax.while_loop(cond, body, (0, x0, v0, g0, record(hist0, 0, v0, norm(g0), 0.0)))
     return x, {**h, "steps_done": i}
-
-
-def _continue_newton(problem, update, modified: Dataset, solver_obj, steps: int, loss_fn, model, model_state):
-    """Damped Newton on the modified objective ``L'`` (the mean loss over ``modified``), with
-    Armijo backtracking so every accepted step lowers ``L'`` and Levenberg-Marquardt damping:
-    ``λ`` shrinks 4× after a full step and doubles after a shortened one (never below
-    ``1e-6``), so the iteration becomes plain Newton near the optimum. Stops early once
-    ``‖∇L'‖ < 1e-5`` or no step lowers ``L'``.
-
-    The first direction is FMD's step (``update.delta``); the next ``steps`` directions are
-    ``−(H' + λ_t I)⁻¹ ∇L'(θ)`` at the current iterate. Returns the update with the total
-    displacement and the history of ``(L', ‖∇L'‖, accepted step, λ_t)``.
-    """
-    tmap = jax.tree_util.tree_map
-    base = make_problem(loss_fn, problem.params, modified, select=problem.select, damping=problem.damping,
-                        model=model, model_state=model_state)
-    delta = tmap(jnp.zeros_like, problem.selected)
-    history = []
-    direction = update.delta
-    diag = update.diagnostics
-    lam = float(problem.damping)
-    for it in range(steps + 1):
-        sel = tmap(lambda p, d: p + d, problem.selected, delta)
-        prob_t = dataclasses.replace(base, selected=sel, params=problem.with_selected(sel), damping=lam)
-        grad = prob_t.gradient()
-        value = prob_t.value()
-        if it > 0:
-            x, diag = solver_obj.solve(solver_obj.prepare(prob_t), grad)
-            direction = tmap(lambda xx: -xx, x)
-        slope = float(prob_t.ravel(grad) @ prob_t.ravel(direction))
-        t, accepted = 1.0, 0.0
-        while t >= 2.0**-20:
-            trial = tmap(lambda p, d, t=t: p + t * d, sel, direction)
-            if prob_t.value(trial) <= value + 1e-4 * t * min(slope, 0.0):
-                accepted = t
-                break
-            t *= 0.5
-        gnorm = float(jnp.linalg.norm(prob_t.ravel(grad)))
-        history.append({"loss": value, "grad_norm": gnorm, "step": accepted, "damping": lam})
-        if accepted == 0.0 or (it > 0 and gnorm < 1e-5):  # no descent left, or stationary
-            break
-        delta = tmap(lambda d, dd, a=accepted: d + a * dd, delta, direction)
-        if it > 0:
-            lam = max(lam / 4.0, 1e-6) if accepted == 1.0 else lam * 2.0
-    return dataclasses.replace(update, delta=delta, diagnostics=diag), history
 
 
 def split_external(ds: Dataset, size: int, key: PRNGKey | int = 0) -> tuple[Dataset, Dataset]:

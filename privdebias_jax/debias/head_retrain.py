@@ -3,14 +3,14 @@ training-set update.
 
 The training set with ``K`` samples (the top-K by influence on the bias, or every sample)
 replaced by their counterfactuals, and the selected parameters (the last layer by default)
-minimised on it by damped Newton from the trained model:
+retrained on it from the trained model by Newton-CG (Armijo backtracking, jitted; closed-form
+products for a softmax head on frozen features):
 
-    L'(θ_S) = (1/n) [Σ_{z ∉ top-K} ℓ(z, θ) + Σ_{k ∈ top-K} ℓ(z̄_k, θ)]
+    min_θ_S  (1/n) [Σ_{z ∉ top-K} ℓ(z, θ) + Σ_{k ∈ top-K} ℓ(z̄_k, θ)] + (λ/2)‖θ_S − θ̂_S‖²
 
-The first step is FMD's (Chen et al. 2023) one-step update; the following ones re-evaluate the
-gradient and curvature at each iterate, with Armijo backtracking and Levenberg-Marquardt
-damping, so the iterates converge to retraining the subset on the modified data (convex for a
-softmax head on frozen features). With ``replacement="others"`` every replaced sample takes
+the proximal retraining that FMD's damped one-step update (Chen et al. 2023) approximates to
+first order (Bae et al. 2022); ``λ`` is the same damping. Strongly convex for a softmax head on
+frozen features, so the iterates converge to its unique minimiser. With ``replacement="others"`` every replaced sample takes
 another attribute value (FMD's counterfactual), which makes fully replaced data anti-biased;
 ``"all"`` draws the value uniformly, so the replaced data carries no attribute-label association.
 """
@@ -41,7 +41,8 @@ def head_retrain(
     *,
     k: int | None = None,
     replacement: str = "others",
-    iterations: int = 10,
+    iterations: int = 30,
+    cg_iterations: int = 30,
     select: PathFilter = LAST_LAYER,
     damping: float = 0.01,
     solver: str = "cg",
@@ -64,13 +65,17 @@ def head_retrain(
       counterfactual, num_attributes: as in :func:`privdebias_jax.debias.fmd.fmd`.
       k: samples replaced (``None``: every sample, no ranking), in ``[1, len(train)]``.
       replacement: ``"others"`` or ``"all"`` (module docstring).
-      iterations: Newton steps (≥ 2; the first is FMD's).
-      select, damping, solver, solver_options, step_sizes, max_acc_drop, min_kept, delta, key,
-        loss_fn, feature_cache: as in :func:`privdebias_jax.debias.fmd.fmd`.
+      iterations: at most this many Newton-CG steps (≥ 2), stopping once ``‖∇‖ < 1e-5``.
+      cg_iterations: CG iterations per Newton step.
+      damping: ``λ > 0``, the proximal weight (and the damping of the influence ranking).
+      solver, solver_options: the inverse-HVP solver of the influence ranking (``k < len(train)``).
+      select, step_sizes, max_acc_drop, min_kept, delta, key, loss_fn, feature_cache: as in
+        :func:`privdebias_jax.debias.fmd.fmd`.
 
     Returns:
       :class:`~privdebias_jax.debias.counterfactual_update.DebiasResult` with
-      ``report["method"] == "head_retrain"`` and the Newton history.
+      ``report["method"] == "head_retrain"``, the Newton history and, in ``solver_diagnostics``,
+      whether the gradient norm reached ``1e-5``.
 
     Raises:
       PrivDebiasError: ``iterations < 2``, ``k`` out of range, an unknown replacement and the
@@ -81,7 +86,8 @@ def head_retrain(
     return counterfactual_update(
         model, state, external, counterfactual, num_attributes, method="head_retrain", mode="train",
         train=train, k=len(train) if k is None else int(k), select=select, damping=damping, solver=solver,
-        solver_options=solver_options, newton_iterations=int(iterations), step_sizes=step_sizes,
+        solver_options=solver_options, newton_iterations=int(iterations), cg_iterations=cg_iterations,
+        step_sizes=step_sizes,
         max_acc_drop=max_acc_drop, min_kept=min_kept, replacement=replacement, delta=delta, key=key,
         loss_fn=loss_fn, feature_cache=feature_cache,
     )

@@ -38,7 +38,7 @@ def proximal_finetune(
     num_attributes: int,
     *,
     proximal: float = 0.01,
-    iterations: int = 10,
+    iterations: int = 30,
     cg_iterations: int = 30,
     select: PathFilter = LAST_LAYER,
     step_sizes: Sequence[float] = (1.0,),
