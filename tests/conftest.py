@@ -103,8 +103,10 @@ HEAVY_FILES_FIRST = (  # seconds on one worker, `-n 2 --dist loadfile --duration
     "test_sync.py",  # 83
     "test_debias_methods.py",  # 76
     "test_privacy_experiments_smoke.py",  # 76
-    "test_benchmark_fmd_smoke.py",  # 72
-    "test_fmd.py",  # 68
+    "test_fmd.py",  # 68, before its guard and named-method tests
+    "test_benchmark_influence_vs_retrain_smoke.py",  # not timed on idle cores
+    "test_fmd_diagnosis.py",  # not timed on idle cores
+    "test_benchmark_influence_unlearning_smoke.py",  # not timed on idle cores
     "test_models.py",  # 63
     "test_sisa.py",  # 63
     "test_cli_unlearn.py",  # 57
