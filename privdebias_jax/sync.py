@@ -1,4 +1,4 @@
-"""The augmentation/unlearning sync loop of seed 000 ("Privacy-Preserving Debiasing using Data
+"""The augmentation/unlearning sync loop of Pan et al. 2024 ("Privacy-Preserving Debiasing using Data
 Augmentation and Machine Unlearning", arXiv 2404.13194), as a functional loop over rounds.
 
 A SISA ensemble (:mod:`privdebias_jax.unlearn`) is trained on the original data. Every round
@@ -151,7 +151,7 @@ def measure(
       held-out samples picked by the same rule from the biased test set (see
       :func:`matched_nonmembers`); otherwise the attack would detect easiness, not membership;
     * ``private_class_accuracy``: the linear attribute probe on the bottleneck features over the
-      unbiased test set (seed 001's attack; chance = 1 / #attributes), when there is one.
+      unbiased test set (Barbano et al. 2021's attack; chance = 1 / #attributes), when there is one.
     * with ``reference`` (:class:`~privdebias_jax.privacy.attacks.ReferenceModels`, e.g.
       :func:`shard_references`), offline LiRA (Carlini et al. 2022) joins both attack sets:
       ``Λ = log Φ((φ − μ_out) / σ_out)`` on the target's scaled logit ``φ``, from the reference

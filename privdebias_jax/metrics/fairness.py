@@ -675,7 +675,7 @@ def kl_bias_from_counts(counts: Array, prior: Array | None = None, eps: float = 
     """Dataset bias ``Σ_y p(y) KL(D(τ | y) ‖ P(τ))`` of a ``(C, A)`` count table (scalar, nats).
 
     With ``prior=None`` (``P(τ)`` = the marginal) this is the mutual information ``I(τ; y)``;
-    with a given prior it is the ``p(y)``-weighted partial bias of seed 000
+    with a given prior it is the ``p(y)``-weighted partial bias of Pan et al. 2024
     ("Privacy-Preserving Debiasing using Data Augmentation and Machine Unlearning",
     arXiv 2404.13194: ``∂B/∂τ = KL(D(τ) ‖ P(τ))``). Counts may be fractional (the
     augmentation planner passes planned counts); differentiable in JAX w.r.t. ``counts``.
