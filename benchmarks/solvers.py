@@ -438,6 +438,8 @@ def run_solver(label, name, opts, problem, grads, pe_grads, ref_x, ref_scores, s
             "residual": diag.residual,
             "iterations": diag.iterations,
             "converged": diag.converged,
+            "iteration_converged": diag.iteration_converged,
+            "residual_tol": diag.residual_tol,
             "library_seconds": diag.seconds,
             "flags": flags,
         }

@@ -529,11 +529,28 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
                      "it was not taken")
     diag = report.get("solver_diagnostics") or {}
     if diag and not diag.get("converged", True):
-        what = "gradient norm" if diag.get("solver") == "proximal_newton_cg" else "residual"
+        solver = diag.get("solver", report.get("solver"))
         res = diag.get("residual")
         res = f"{res:.3g}" if isinstance(res, (int, float)) else res
-        lines.append(f"{name}: solver {diag.get('solver', report.get('solver'))} did not converge "
-                     f"({diag.get('iterations')} iterations, {what} {res})")
+        flags = diag.get("flags") or {}
+        tol = diag.get("residual_tol")
+        if solver == "proximal_newton_cg" or tol is None:
+            what = "gradient norm" if solver == "proximal_newton_cg" else "residual"
+            lines.append(f"{name}: solver {solver} did not converge ({diag.get('iterations')} iterations, {what} {res})")
+        elif not diag.get("iteration_converged", False):
+            if flags.get("non_finite"):
+                why = "returned NaN or inf"
+            elif flags.get("diverged"):
+                why = "diverged"
+            elif flags.get("negative_curvature"):
+                why = "stopped at a direction of negative curvature"
+            else:
+                why = "stopped at its iteration cap"
+            lines.append(f"{name}: solver {solver} {why} ({diag.get('iterations')} iterations, residual {res} "
+                         "against the true curvature)")
+        else:
+            lines.append(f"{name}: solver {solver}: residual {res} against the true curvature above tol {tol:.3g} "
+                         f"({diag.get('iterations')} iterations; its own iteration converged)")
     return lines
 
 

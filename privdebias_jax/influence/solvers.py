@@ -7,8 +7,20 @@
     x, diagnostics = solver.solve(state, v)  # x ≈ H_λ⁻¹ v, reusable for many v
 
 ``problem`` is a :class:`~privdebias_jax.influence.problem.CurvatureProblem`; ``v`` a tree shaped
-like its parameter subset. Every solve reports :class:`Diagnostics`: iterations, relative
-residual ``‖H_λ x − v‖ / ‖v‖`` measured with one exact product, seconds, and flags.
+like its parameter subset. Every solve reports :class:`Diagnostics`: iterations, the relative
+residual ``‖H_λ x − v‖ / ‖v‖`` measured with one product of the problem's own curvature
+(:meth:`~privdebias_jax.influence.problem.CurvatureProblem.matvec`), seconds, flags, and two
+verdicts:
+
+* ``iteration_converged``: the method's own stopping test passed. ``cg``/``pcg``:
+  ``‖r‖ ≤ tol ‖v‖`` before ``maxiter`` (and no negative curvature); ``lissa``: no divergence and
+  a final relative change below ``tol``; ``arnoldi``: the Krylov iteration completed its steps or
+  reached an invariant subspace; ``exact``, ``linear_head``, ``kfac``, ``ekfac``: the
+  factorisation was applied.
+* ``converged``: ``iteration_converged`` and a finite ``residual ≤ residual_tol`` (a keyword
+  of every solver factory, default ``1e-3``, recorded in the diagnostics). An approximate
+  inverse (``kfac``, ``ekfac``, ``arnoldi`` with ``top_k < P``) on a real network has a residual
+  far above it and reports ``converged=False`` while its ``iteration_converged`` is true.
 
 | name          | method                                                                     |
 |---------------|----------------------------------------------------------------------------|
@@ -27,9 +39,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +67,21 @@ Tree = Any
 
 @dataclasses.dataclass
 class Diagnostics:
-    """What a solve reports. ``residual`` is ``‖H_λ x − v‖ / ‖v‖`` with the exact product."""
+    """What a solve reports.
+
+    Attributes:
+      solver: the solver's name.
+      iterations: iterations (or products, or 1 for a factorisation) the solve took.
+      residual: ``‖H_λ x − v‖ / ‖v‖`` with one product of the problem's curvature (NaN when
+        ``x`` is not finite).
+      seconds: wall time of the solve.
+      converged: ``iteration_converged`` and ``residual ≤ residual_tol`` (finite).
+      flags: solver-specific details.
+      iteration_converged: the solver's own stopping test passed (see the module docstring);
+        when not given, ``converged``.
+      residual_tol: the tolerance ``converged`` applies to ``residual``; None when
+        ``converged`` is not a residual test (a ``Diagnostics`` built by another iteration).
+    """
 
     solver: str
     iterations: int
@@ -61,6 +89,12 @@ class Diagnostics:
     seconds: float
     converged: bool
     flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+    iteration_converged: bool | None = None
+    residual_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.iteration_converged is None:
+            self.iteration_converged = bool(self.converged)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,10 +123,20 @@ def _check_rhs(problem: CurvatureProblem, v: Tree) -> jax.Array:
     return flat
 
 
-def _finish(name, problem, v_flat, x_flat, iterations, t0, converged, flags, check_residual=True) -> tuple[Tree, Diagnostics]:
+def _check_residual_tol(name: str, residual_tol: float) -> float:
+    tol = float(residual_tol)
+    if not tol > 0:  # also rejects NaN
+        raise PrivDebiasError(f"{name} needs residual_tol > 0, got {residual_tol}")
+    return tol
+
+
+def _finish(name, problem, v_flat, x_flat, iterations, t0, iteration_converged, flags,
+            residual_tol) -> tuple[Tree, Diagnostics]:
+    """``x`` as a tree and the :class:`Diagnostics` of a solve: the residual from one product of
+    the problem's curvature, ``converged = iteration_converged and residual ≤ residual_tol``."""
     x = problem.unravel(x_flat)
     finite = bool(jnp.all(jnp.isfinite(x_flat)))
-    if check_residual and finite:
+    if finite:
         r = problem.ravel(problem.matvec(x)) - v_flat
         residual = float(jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(v_flat), 1e-30))
     else:
@@ -100,8 +144,11 @@ def _finish(name, problem, v_flat, x_flat, iterations, t0, converged, flags, che
     flags = dict(flags)
     if not finite:
         flags["non_finite"] = True
-        converged = False
-    return x, Diagnostics(name, int(iterations), residual, time.perf_counter() - t0, bool(converged), flags)
+        iteration_converged = False
+    iteration_converged = bool(iteration_converged)
+    converged = iteration_converged and bool(np.isfinite(residual)) and residual <= residual_tol
+    return x, Diagnostics(name, int(iterations), residual, time.perf_counter() - t0, converged, flags,
+                          iteration_converged=iteration_converged, residual_tol=float(residual_tol))
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +169,7 @@ def dense_curvature(problem: CurvatureProblem) -> jax.Array:
     return matrix_from_products(problem.undamped_matvec, problem.selected)
 
 
-def exact(method: str = "eigh", allow_indefinite: bool = False) -> InverseHVPSolver:
+def exact(method: str = "eigh", allow_indefinite: bool = False, residual_tol: float = 1e-3) -> InverseHVPSolver:
     """Dense ``H_λ`` of the subset, factored once (``eigh`` or ``cholesky``).
 
     With ``eigh``, ``x = Q diag(1/(Λ + λ)) Qᵀ v``. A curvature with ``min(Λ) + λ ≤ 0`` (a
@@ -131,6 +178,7 @@ def exact(method: str = "eigh", allow_indefinite: bool = False) -> InverseHVPSol
     """
     if method not in ("eigh", "cholesky"):
         raise PrivDebiasError(f"exact solver method must be 'eigh' or 'cholesky', got {method!r}")
+    residual_tol = _check_residual_tol("exact", residual_tol)
 
     def prepare(problem: CurvatureProblem):
         t0 = time.perf_counter()
@@ -170,7 +218,7 @@ def exact(method: str = "eigh", allow_indefinite: bool = False) -> InverseHVPSol
         else:
             q = state["evecs"]
             x = q @ ((q.T @ vf) / state["evals"])
-        return _finish("exact", problem, vf, x, 1, t0, True, state["flags"])
+        return _finish("exact", problem, vf, x, 1, t0, True, state["flags"], residual_tol)
 
     return InverseHVPSolver("exact", prepare, solve)
 
@@ -201,12 +249,13 @@ def linear_head_hessian(features: jax.Array, probs: jax.Array, mask: jax.Array) 
     return h.reshape((f + 1) * c, (f + 1) * c)
 
 
-def linear_head(head: str = "head") -> InverseHVPSolver:
+def linear_head(head: str = "head", residual_tol: float = 1e-3) -> InverseHVPSolver:
     """Closed-form inverse for a linear softmax head (the subset must be ``head/kernel`` and
     ``head/bias``), using the model's features: exact when the loss is the mean cross-entropy.
 
     Raises (in ``prepare``): if the subset is not exactly that pair, or there is no model.
     """
+    residual_tol = _check_residual_tol("linear_head", residual_tol)
 
     def prepare(problem: CurvatureProblem):
         t0 = time.perf_counter()
@@ -241,7 +290,7 @@ def linear_head(head: str = "head") -> InverseHVPSolver:
         vf = _check_rhs(problem, v)
         y = jax.scipy.linalg.solve_triangular(state["chol"], vf, lower=True)
         x = jax.scipy.linalg.solve_triangular(state["chol"].T, y, lower=False)
-        return _finish("linear_head", problem, vf, x, 1, t0, True, {})
+        return _finish("linear_head", problem, vf, x, 1, t0, True, {}, residual_tol)
 
     return InverseHVPSolver("linear_head", prepare, solve)
 
@@ -254,13 +303,14 @@ def linear_head(head: str = "head") -> InverseHVPSolver:
 @functools.partial(jax.jit, static_argnames=("loss_fn", "curvature_fn", "maxiter", "reuse", "pre_layers",
                                              "pre_others"))
 def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_state, b, tol, pre_blocks=None,
-                pre_diags=None, *, maxiter: int, reuse: bool = True, pre_layers: tuple | None = None,
-                pre_others: tuple = ()):
+                pre_diags=None, pre_damping=None, *, maxiter: int, reuse: bool = True,
+                pre_layers: tuple | None = None, pre_others: tuple = ()):
     """(Preconditioned) conjugate gradient from ``x₀ = 0`` as one compiled ``lax.while_loop``
     (one HVP per iteration).
 
     With ``pre_layers`` (not None) the residual is preconditioned by the K-FAC inverse
-    ``z = (A ⊗ G + λI)⁻¹ r`` of :func:`_kfac_apply` (factors ``pre_blocks``/``pre_diags``):
+    ``z = (A ⊗ G + λ'I)⁻¹ r`` of :func:`_kfac_apply` (factors ``pre_blocks``/``pre_diags``,
+    ``λ' = pre_damping``, ``damping`` when None):
     ``α = rᵀz / pᵀH_λp``, ``p ← z + (r'ᵀz' / rᵀz) p``; without, ``z = r`` (plain CG).
     Returns ``(x, iterations, converged, negative_curvature)``: stops once ``‖r‖ ≤ tol ‖b‖``,
     after ``maxiter`` iterations, or (leaving ``x`` as it was) at a direction with
@@ -272,7 +322,8 @@ def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_s
             return r
     else:
         def precondition(r):
-            return ravel_pytree(_kfac_apply(pre_blocks, pre_diags, pre_layers, pre_others, damping, unravel(r)))[0]
+            lam = damping if pre_damping is None else pre_damping
+            return ravel_pytree(_kfac_apply(pre_blocks, pre_diags, pre_layers, pre_others, lam, unravel(r)))[0]
     if curvature_fn is None and reuse:
         # One linearization of the gradient before the loop: each iteration runs only the
         # tangent pass (the forward and backward pass at θ are the same every iteration).
@@ -312,22 +363,23 @@ def _cg_program(loss_fn, curvature_fn, damping, selected, frozen, batch, model_s
     return x, it, converged, negative
 
 
-def cg(tol: float = 1e-6, maxiter: int = 200) -> InverseHVPSolver:
+def cg(tol: float = 1e-6, maxiter: int = 200, residual_tol: float = 1e-3) -> InverseHVPSolver:
     """Conjugate gradient on ``H_λ x = v`` with one HVP per iteration, from ``x₀ = 0``.
 
     Stops when ``‖r‖ ≤ tol ‖v‖`` or after ``maxiter`` iterations. A direction with
     ``pᵀ H_λ p ≤ 0`` (negative curvature) stops the run with ``flags["negative_curvature"]``.
     """
-    return _cg_solver("cg", tol, maxiter, lambda problem: {"problem": problem})
+    return _cg_solver("cg", tol, maxiter, lambda problem: {"problem": problem}, residual_tol=residual_tol)
 
 
 def _cg_solver(name: str, tol: float, maxiter: int, prepare: Callable[[CurvatureProblem], dict],
-               preconditioner: str | None = None) -> InverseHVPSolver:
+               preconditioner: str | None = None, residual_tol: float = 1e-3) -> InverseHVPSolver:
     """``cg`` and ``pcg`` share this: ``prepare`` gives the state (``pcg``'s holds the K-FAC
     factors, used as the preconditioner when ``preconditioner`` is set), ``solve`` runs
     :func:`_cg_program` and reports its diagnostics."""
     if tol <= 0 or maxiter < 1:
         raise PrivDebiasError(f"{name} needs tol > 0 and maxiter ≥ 1, got tol={tol}, maxiter={maxiter}")
+    residual_tol = _check_residual_tol(name, residual_tol)
 
     def solve(state, v):
         t0 = time.perf_counter()
@@ -335,7 +387,8 @@ def _cg_solver(name: str, tol: float, maxiter: int, prepare: Callable[[Curvature
         vf = _check_rhs(problem, v)
         pre = {} if preconditioner is None else dict(
             pre_blocks=state["blocks"], pre_diags=state["diags"], pre_layers=tuple(state["layers"]),
-            pre_others=tuple(state["others"]))
+            pre_others=tuple(state["others"]),
+            pre_damping=jnp.asarray(problem.damping + state["parameter_term_curvature"], jnp.float32))
         x, it, converged, negative = _cg_program(
             problem.loss_fn, problem._curvature_fn(), jnp.asarray(problem.damping, jnp.float32), problem.selected,
             problem.frozen, problem.batch, problem.model_state, vf, jnp.asarray(tol, vf.dtype), maxiter=int(maxiter),
@@ -344,7 +397,9 @@ def _cg_solver(name: str, tol: float, maxiter: int, prepare: Callable[[Curvature
         flags: dict[str, Any] = {} if preconditioner is None else {"preconditioner": preconditioner}
         if bool(negative):
             flags["negative_curvature"] = True
-        return _finish(name, problem, vf, x, int(it), t0, bool(converged), flags)
+        if preconditioner is not None and "parameter_term_curvature" in state["flags"]:
+            flags["parameter_term_curvature"] = state["flags"]["parameter_term_curvature"]
+        return _finish(name, problem, vf, x, int(it), t0, bool(converged), flags, residual_tol)
 
     return InverseHVPSolver(name, prepare, solve)
 
@@ -378,6 +433,7 @@ def lissa(
     key: PRNGKey | int = 0,
     tol: float = 1e-4,
     raise_on_divergence: bool = False,
+    residual_tol: float = 1e-3,
 ) -> InverseHVPSolver:
     """LiSSA: ``h₀ = v``, ``h_j = v + h_{j−1} − H̃_j h_{j−1} / s``, ``x ≈ h_depth / s``.
 
@@ -389,6 +445,7 @@ def lissa(
     """
     if scale <= 0 or depth < 1 or repeats < 1:
         raise PrivDebiasError(f"lissa needs scale > 0, depth ≥ 1, repeats ≥ 1; got {scale}, {depth}, {repeats}")
+    residual_tol = _check_residual_tol("lissa", residual_tol)
     root = jax.random.key(key) if isinstance(key, int) else key
 
     def prepare(problem: CurvatureProblem):
@@ -424,7 +481,7 @@ def lissa(
                 "raise `scale` or the damping"
             )
         converged = (not diverged) and bool(changes) and max(changes) < tol
-        return _finish("lissa", problem, vf, x, depth * repeats, t0, converged, flags)
+        return _finish("lissa", problem, vf, x, depth * repeats, t0, converged, flags, residual_tol)
 
     return InverseHVPSolver("lissa", prepare, solve)
 
@@ -434,7 +491,8 @@ def lissa(
 # --------------------------------------------------------------------------------------------
 
 
-def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> InverseHVPSolver:
+def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0,
+            residual_tol: float = 1e-3) -> InverseHVPSolver:
     """Schioppa et al. (AAAI 2022), "Scaling up influence functions": ``num_iters`` Arnoldi steps
     on the undamped curvature from a random start (full re-orthogonalisation), the ``top_k``
     eigenpairs of the projected matrix by magnitude, and ``x = U diag(1/(Λ_k + λ)) Uᵀ v``.
@@ -446,6 +504,7 @@ def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> In
     """
     if num_iters < 1 or top_k < 1 or top_k > num_iters:
         raise PrivDebiasError(f"arnoldi needs 1 ≤ top_k ≤ num_iters, got top_k={top_k}, num_iters={num_iters}")
+    residual_tol = _check_residual_tol("arnoldi", residual_tol)
     root = jax.random.key(key) if isinstance(key, int) else key
 
     def prepare(problem: CurvatureProblem):
@@ -498,8 +557,11 @@ def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> In
         if np.any(shifted <= 0):
             flags["nonpositive_kept"] = int(np.sum(shifted <= 0))
             shifted = np.where(shifted <= 0, np.maximum(np.abs(shifted), 1e-8), shifted)
+        # The iteration's own verdict: it ran its steps (or stopped at an invariant subspace)
+        # on finite products.
+        completed = bool(np.all(np.isfinite(hess[: steps + 1, :steps]))) and steps >= 1
         return {"problem": problem, "u": u, "inv": jnp.asarray(1.0 / shifted, jnp.float32), "flags": flags,
-                "steps": steps, "seconds": time.perf_counter() - t0}
+                "steps": steps, "completed": completed, "seconds": time.perf_counter() - t0}
 
     def solve(state, v):
         t0 = time.perf_counter()
@@ -507,7 +569,8 @@ def arnoldi(num_iters: int = 100, top_k: int = 50, key: PRNGKey | int = 0) -> In
         vf = _check_rhs(problem, v)
         u = state["u"]
         x = u @ (state["inv"] * (u.T @ vf))
-        return _finish("arnoldi", problem, vf, x, state["steps"], t0, True, state["flags"])
+        return _finish("arnoldi", problem, vf, x, state["steps"], t0, state["completed"], state["flags"],
+                       residual_tol)
 
     return InverseHVPSolver("arnoldi", prepare, solve)
 
@@ -539,25 +602,151 @@ def _layout(selected: dict[str, Any]) -> dict[str, tuple[int, tuple[int, ...]]]:
     return out
 
 
-def kronecker_factored(eigen_corrected: bool = False, fisher: str = "true", chunk_size: int = 256) -> InverseHVPSolver:
+def _dense_layer_inputs(problem: CurvatureProblem, layers: list[str]) -> tuple[jax.Array, dict[str, np.ndarray]]:
+    """The model's logits on the problem's batch and the input ``a`` (``(N, in)``, float64) of
+    every ``nn.Dense`` whose module path (``"dense_1"`` for ``"dense_1/kernel"``) is in
+    ``layers``, recorded by a :func:`flax.linen.intercept_methods` interceptor during one
+    forward pass. A layer the forward pass never enters through ``nn.Dense.__call__`` is left
+    out of the dict.
+
+    Raises:
+      PrivDebiasError: a selected dense layer applied more than once per forward pass, or to
+        inputs that are not ``(N, in)`` (then one example's gradient is a sum of rank-one
+        terms and ``ā gᵀ`` does not hold).
+    """
+    wanted = set(layers)
+    seen: dict[str, list] = {p: [] for p in layers}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+            path = "/".join(str(part) for part in context.module.path)
+            if path in wanted:
+                seen[path].append(args[0])
+        return next_fun(*args, **kwargs)
+
+    params = merge_params(problem.selected, problem.frozen)
+    with nn.intercept_methods(interceptor):
+        logits, _, _ = apply_model(problem.model, params, problem.model_state or {}, problem.batch.x)
+    n = int(problem.batch.y.shape[0])
+    out = {}
+    for p, calls in seen.items():
+        if not calls:
+            continue
+        if len(calls) > 1:
+            raise PrivDebiasError(
+                f"K-FAC: dense layer {p!r} is applied {len(calls)} times in one forward pass; its per-example "
+                "gradient is a sum of rank-one terms, which the Kronecker factors A ⊗ G do not model "
+                "(leave the layer out of the subset or use cg/exact)"
+            )
+        a = np.asarray(calls[0], np.float64)
+        fan_in = int(np.shape(problem.selected[f"{p}/kernel"])[0])
+        if a.shape != (n, fan_in):
+            raise PrivDebiasError(
+                f"K-FAC: dense layer {p!r} is applied to inputs of shape {a.shape}, expected ({n}, {fan_in}) "
+                "(one input row per example); its per-example gradient is then a sum of rank-one terms"
+            )
+        out[p] = a
+    return logits, out
+
+
+def _parameter_term(problem: CurvatureProblem, name: str) -> tuple[np.ndarray | None, float]:
+    """The gradient (flat, float64, or None when there is none) and the isotropic curvature ``c``
+    to add to the damping of a parameter-only term ``R(θ)`` of ``loss_fn``.
+
+    ``loss_fn`` on the batch with every mask weight 0 keeps only ``R`` (the masked mean
+    cross-entropy divides by ``max(Σm, 1)``, so its data part vanishes). ``R`` is absent when its
+    gradient and its HVPs on two random probes are exactly 0. With ``curvature="hessian"`` the
+    problem's ``H`` holds ``∇²R``: it is added to the damping when it is ``c·I`` (both probes'
+    products equal ``c·probe`` to 1e-5 relative), otherwise this raises. The Gauss-Newton
+    product covers the cross-entropy only, so there ``c`` is 0 (the gradient is still removed
+    from the per-example gradients). Any other curvature holds ``∇R`` inside every per-example
+    gradient, which the factors cannot represent: that raises.
+    """
+    zero = problem.batch._replace(mask=jnp.zeros_like(problem.batch.mask))
+    grad = np.asarray(problem.ravel(problem.gradient(zero)), np.float64)
+    probes = [jax.random.normal(jax.random.key(k), (problem.num_params,), jnp.float32) for k in (0, 1)]
+    prods = [
+        np.asarray(problem.ravel(_damped_hvp(problem.loss_fn, None, jnp.float32(0.0), problem.selected, problem.frozen,
+                                             zero, problem.model_state, problem.unravel(u))), np.float64)
+        for u in probes
+    ]
+    if not (np.all(np.isfinite(grad)) and all(np.all(np.isfinite(h)) for h in prods)):
+        raise PrivDebiasError(
+            f"{name}: loss_fn on the batch with every mask weight 0 is not finite; K-FAC separates the data term "
+            "from parameter-only terms that way and needs a loss that honours the mask (a masked mean)"
+        )
+    if not np.any(grad) and not any(np.any(h) for h in prods):
+        return None, 0.0
+    if problem.curvature == "gauss_newton":
+        return grad, 0.0
+    if problem.curvature != "hessian":
+        raise PrivDebiasError(
+            f"{name}: loss_fn has a parameter-only term (gradient norm {np.linalg.norm(grad):.3g} at zero mask) and "
+            f"the problem's {problem.curvature!r} curvature carries its gradient in every per-example gradient; "
+            "K-FAC covers only the data term: use cg/exact or drop the term"
+        )
+    cs = []
+    for u, h in zip(probes, prods, strict=True):
+        u = np.asarray(u, np.float64)
+        c = float(u @ h / (u @ u))
+        if np.linalg.norm(h - c * u) > 1e-5 * max(np.linalg.norm(h), 1e-30) and np.any(h):
+            cs = None
+            break
+        cs.append(c)
+    if cs is None or abs(cs[0] - cs[1]) > 1e-5 * max(abs(cs[0]), abs(cs[1])):
+        raise PrivDebiasError(
+            f"{name}: loss_fn has a parameter-only term (what remains of it with every mask weight 0) with "
+            "non-isotropic curvature (its Hessian on the subset is not c·I); K-FAC covers only the data term: "
+            "use cg/exact or drop the term"
+        )
+    return grad, float(np.mean(cs))
+
+
+def kronecker_factored(eigen_corrected: bool = False, fisher: str = "true", chunk_size: int = 256,
+                       residual_tol: float = 1e-3) -> InverseHVPSolver:
     """K-FAC (Martens & Grosse 2015) or EK-FAC (George et al. 2018) for the dense layers of the subset.
 
     For a dense layer ``z = a W + b`` applied once per example, the per-example gradient of
-    ``[W; b]`` is the rank-one ``ā gᵀ`` with ``ā = [a, 1]`` and ``g = ∂ℓ/∂z`` (the bias
-    gradient), so ``ā`` and ``g`` are read off the per-example gradients exactly. The Fisher
-    block is approximated by ``A ⊗ G`` with ``A = E[ā āᵀ]``, ``G = E[g gᵀ]``; with the
-    eigenbases ``A = Q_A Λ_A Q_Aᵀ``, ``G = Q_G Λ_G Q_Gᵀ``,
-    ``x = Q_A [(Q_Aᵀ V Q_G) / (Λ + λ)] Q_Gᵀ`` where ``Λ = Λ_A ⊗ Λ_G`` (K-FAC) or, for EK-FAC,
-    ``Λ_jc = E[(Q_Aᵀ Ĝ Q_G)²_jc]`` refitted in the eigenbasis. Leaves outside dense pairs
-    (convolution kernels, norms) get a diagonal Fisher block.
+    ``[W; b]`` is the rank-one ``Ĝ = ā gᵀ`` with ``ā = [a, 1]`` and ``g = ∂ℓ/∂z``. The
+    curvature block is approximated by ``A ⊗ G`` with ``A = E[ā āᵀ]`` and ``G = E[g gᵀ]``, both
+    mask-weighted means over the batch (every example counts in ``A``, also one whose ``g`` is 0:
+    ReLU units all off after the layer, a saturated output). With the eigenbases
+    ``A = Q_A Λ_A Q_Aᵀ``, ``G = Q_G Λ_G Q_Gᵀ``, ``x = Q_A [(Q_Aᵀ V Q_G) / (Λ + λ)] Q_Gᵀ`` where
+    ``Λ = Λ_A ⊗ Λ_G`` (K-FAC) or, for EK-FAC, ``Λ_jc = E[(Q_Aᵀ Ĝ Q_G)²_jc]`` refitted in the
+    eigenbasis. Leaves outside dense pairs (convolution kernels, norms) get a diagonal block.
+
+    Activations: with ``problem.model``, each selected ``nn.Dense``'s input ``a`` is recorded
+    during one forward pass (:func:`flax.linen.intercept_methods`; the layer at module path
+    ``"dense_1"`` for the leaves ``"dense_1/kernel"``, ``"dense_1/bias"``); the product ``ā gᵀ``
+    is checked against the per-example gradients (a mismatch above 1e-3 raises: the model is
+    not the one ``loss_fn`` applies). A layer applied more than once per forward pass raises.
+    Without a model (``fisher="empirical"`` only), or for a kernel/bias pair the forward pass
+    does not enter through ``nn.Dense``, ``ā`` is read off the per-example gradient as
+    ``Ĝ g / ‖g‖²``: an example with ``g = 0`` cannot be read out and is left out of ``A``
+    (``flags["activation_readout"]`` lists such layers, ``flags["examples_without_activation_readout"]``
+    counts the examples, and a warning is issued). Pass ``model=`` to the problem for the
+    textbook ``A``.
 
     ``fisher="true"`` averages over labels drawn from the model, exactly: each example's
     gradient for every class weighted by ``p(c | x)`` (needs the model; equals the
     Gauss-Newton matrix's expectation). ``fisher="empirical"`` uses the true labels.
+
+    A parameter-only term ``R(θ)`` in ``loss_fn`` (weight decay through
+    ``make_loss_fn(model, regularizer=...)``) adds ``∇R`` to every per-example gradient; it is
+    found by evaluating ``loss_fn`` with every mask weight 0 and removed from the per-example
+    gradients before the factors are formed. With ``curvature="hessian"`` its curvature must be
+    ``c·I`` (L2 weight decay: ``c`` its coefficient), and ``c`` is added to the damping of the
+    inverse (``flags["parameter_term_curvature"]``); a non-isotropic one raises. With
+    ``gauss_newton`` (which covers the cross-entropy only) ``c`` is 0; with the
+    ``empirical_fisher`` curvature such a term raises.
+
+    Raises (in ``prepare``): ``fisher="true"`` without a model, a batch with ``Σ mask = 0``, the
+    cases above.
     """
     if fisher not in ("true", "empirical"):
         raise PrivDebiasError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     name = "ekfac" if eigen_corrected else "kfac"
+    residual_tol = _check_residual_tol(name, residual_tol)
 
     def prepare(problem: CurvatureProblem):
         t0 = time.perf_counter()
@@ -566,20 +755,27 @@ def kronecker_factored(eigen_corrected: bool = False, fisher: str = "true", chun
         batch = problem.batch
         n = int(batch.y.shape[0])
         mask = np.asarray(batch.mask, np.float64)
+        total = float(mask.sum())
+        if not total > 0:
+            raise PrivDebiasError(f"{name}: the problem's batch has no example with mask weight > 0")
+        if fisher == "true" and problem.model is None:
+            raise PrivDebiasError(f"{name} with fisher='true' needs the model (or use fisher='empirical')")
+        term_grad, term_curvature = _parameter_term(problem, name)
+        activations: dict[str, np.ndarray] = {}
+        if problem.model is not None and (layers or fisher == "true"):
+            logits, activations = _dense_layer_inputs(problem, layers)
         if fisher == "true":
-            if problem.model is None:
-                raise PrivDebiasError(f"{name} with fisher='true' needs the model (or use fisher='empirical')")
-            params = merge_params(problem.selected, problem.frozen)
-            logits, _, _ = apply_model(problem.model, params, problem.model_state or {}, batch.x)
             probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
             label_sets = [(np.full(n, c, np.int32), probs[:, c]) for c in range(probs.shape[1])]
         else:
             label_sets = [(np.asarray(batch.y), np.ones(n))]
+        readout = [p for p in layers if p not in activations]
+        live = mask > 0
 
-        total = mask.sum()
-        abar_best = {p: None for p in layers}
-        gn_best = {p: np.zeros(n) for p in layers}
+        abar_best = {p: np.zeros((n, int(np.shape(problem.selected[f"{p}/kernel"])[0]) + 1)) for p in readout}
+        gn_best = {p: np.zeros(n) for p in readout}
         g_acc = {p: 0.0 for p in layers}
+        mismatch = {p: [0.0, 0.0] for p in activations}  # ‖Ĝ − ā gᵀ‖², ‖Ĝ‖²
         diag_acc = {k: 0.0 for k in others}
 
         def layer_grads(g: np.ndarray, p: str) -> tuple[np.ndarray, np.ndarray]:
@@ -589,43 +785,78 @@ def kronecker_factored(eigen_corrected: bool = False, fisher: str = "true", chun
             gb = g[:, bo : bo + bshape[0]]
             return np.concatenate([gk, gb[:, None, :]], axis=1), gb  # (B, in+1, out) = ā gᵀ, and g
 
+        def example_grads(data):
+            """Per-example gradients of the data term, unweighted (a row of mask 0 is 0)."""
+            for rows, g in iterate_per_example_grads(problem, data, chunk_size):
+                g = np.asarray(g, np.float64)
+                m = mask[rows]
+                g = g / np.where(m > 0, m, 1.0)[:, None]  # iterate_per_example_grads weights rows by the mask
+                if term_grad is not None:
+                    g = g - np.where(m > 0, 1.0, 0.0)[:, None] * term_grad[None, :]
+                yield rows, g
+
         passes = []
         for labels, weight in label_sets:
             data = batch._replace(y=jnp.asarray(labels))
             passes.append((data, weight * mask / total))
-            for rows, g in iterate_per_example_grads(problem, data, chunk_size):
-                g = np.asarray(g, np.float64)
+            for rows, g in example_grads(data):
                 w = passes[-1][1][rows]
                 for p in layers:
                     full, gb = layer_grads(g, p)
+                    g_acc[p] = g_acc[p] + np.einsum("b,bi,bj->ij", w, gb, gb)
+                    if p in activations:
+                        a = activations[p][rows]
+                        abar = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+                        diff = full - abar[:, :, None] * gb[:, None, :]
+                        on = live[rows]
+                        mismatch[p][0] += float(np.sum(diff[on] ** 2))
+                        mismatch[p][1] += float(np.sum(full[on] ** 2))
+                        continue
                     gn2 = np.sum(gb * gb, axis=1)
                     # ā = Ĝ g / ‖g‖² is the same for every label: keep the best-conditioned read-out.
-                    if abar_best[p] is None:
-                        abar_best[p] = np.zeros((n, full.shape[1]))
                     better = gn2 > np.maximum(gn_best[p][rows], 1e-20)
                     abar = np.einsum("bio,bo->bi", full, gb) / np.where(gn2 > 0, gn2, 1.0)[:, None]
                     abar_best[p][rows] = np.where(better[:, None], abar, abar_best[p][rows])
                     gn_best[p][rows] = np.where(better, gn2, gn_best[p][rows])
-                    g_acc[p] = g_acc[p] + np.einsum("b,bi,bj->ij", w, gb, gb)
                 for k in others:
                     o, shape = layout[k]
                     seg = g[:, o : o + int(np.prod(shape))]
                     diag_acc[k] = diag_acc[k] + np.einsum("b,bi->i", w, seg * seg)
+        for p, (num, den) in mismatch.items():
+            rel_err = float(np.sqrt(num / den)) if den > 0 else 0.0
+            if rel_err > 1e-3:
+                raise PrivDebiasError(
+                    f"{name}: the inputs recorded at dense layer {p!r} times its output gradients differ from its "
+                    f"per-example gradients by {rel_err:.3g} (relative): problem.model is not the model loss_fn "
+                    "applies, or the layer's output reaches the loss other than through one application"
+                )
         blocks, no_readout = {}, {}
         for p in layers:
-            ok = gn_best[p] > 1e-20
-            no_readout[p] = int(np.sum((~ok) & (mask > 0)))
-            wa = mask * ok / max(float(np.sum(mask * ok)), 1e-30)
-            a_mat = np.einsum("b,bi,bj->ij", wa, abar_best[p], abar_best[p])
+            if p in activations:
+                a = activations[p]
+                abar = np.concatenate([a, np.ones((n, 1))], axis=1)
+                wa = mask / total
+            else:
+                ok = gn_best[p] > 1e-20
+                no_readout[p] = int(np.sum((~ok) & live))
+                abar = abar_best[p]
+                wa = mask * ok / max(float(np.sum(mask * ok)), 1e-30)
+            a_mat = np.einsum("b,bi,bj->ij", wa, abar, abar)
             la, qa = np.linalg.eigh(a_mat)
             lg, qg = np.linalg.eigh(g_acc[p])
             la, lg = np.maximum(la, 0.0), np.maximum(lg, 0.0)
             blocks[p] = [qa, qg, np.outer(la, lg)]
+        if any(no_readout.values()):
+            warnings.warn(
+                f"{name}: {sum(no_readout.values())} example(s) have a zero output gradient at dense layer(s) "
+                f"{sorted(p for p, c in no_readout.items() if c)} and cannot have their activations read off the "
+                "gradient; they are left out of the factor A (pass model= to the problem for the textbook A)",
+                stacklevel=2,
+            )
         if eigen_corrected and layers:
             refit = {p: 0.0 for p in layers}
             for data, w_all in passes:  # second pass: Λ_jc = E[(Q_Aᵀ Ĝ Q_G)²_jc]
-                for rows, g in iterate_per_example_grads(problem, data, chunk_size):
-                    g = np.asarray(g, np.float64)
+                for rows, g in example_grads(data):
                     for p in layers:
                         full, _ = layer_grads(g, p)
                         qa, qg, _ = blocks[p]
@@ -635,20 +866,27 @@ def kronecker_factored(eigen_corrected: bool = False, fisher: str = "true", chun
                 blocks[p][2] = refit[p]
         blocks = {p: tuple(jnp.asarray(m, jnp.float32) for m in b) for p, b in blocks.items()}
         diags = {k: jnp.asarray(diag_acc[k], jnp.float32) for k in others}
+        flags: dict[str, Any] = {"dense_layers": layers, "diagonal_leaves": others}
+        if readout:
+            flags["activation_readout"] = readout
+            flags["examples_without_activation_readout"] = no_readout
+        if term_grad is not None:
+            flags["parameter_term_curvature"] = term_curvature
+            flags["parameter_term_gradient_norm"] = float(np.linalg.norm(term_grad))
         return {"problem": problem, "blocks": blocks, "diags": diags, "layout": layout, "layers": layers,
-                "others": others, "no_readout": no_readout, "seconds": time.perf_counter() - t0}
+                "others": others, "no_readout": no_readout, "parameter_term_curvature": term_curvature,
+                "flags": flags, "seconds": time.perf_counter() - t0}
 
     def solve(state, v):
         t0 = time.perf_counter()
         problem = state["problem"]
         vf = _check_rhs(problem, v)
-        lam_d = problem.damping
+        lam_d = problem.damping + state["parameter_term_curvature"]
         out = _kfac_apply(state["blocks"], state["diags"], tuple(state["layers"]), tuple(state["others"]), lam_d, v)
-        flags = {"dense_layers": state["layers"], "diagonal_leaves": state["others"],
-                 "examples_without_activation_readout": state["no_readout"]}
+        flags = dict(state["flags"])
         if lam_d <= 0:
             flags["undamped"] = True
-        return _finish(name, problem, vf, ravel_pytree(out)[0], 1, t0, True, flags)
+        return _finish(name, problem, vf, ravel_pytree(out)[0], 1, t0, True, flags, residual_tol)
 
     return InverseHVPSolver(name, prepare, solve)
 
@@ -671,7 +909,7 @@ def _kfac_apply(blocks: dict, diags: dict, layers: tuple, others: tuple, damping
 
 
 def pcg(preconditioner: str = "kfac", tol: float = 1e-6, maxiter: int = 200, fisher: str = "true",
-        chunk_size: int = 256) -> InverseHVPSolver:
+        chunk_size: int = 256, residual_tol: float = 1e-3) -> InverseHVPSolver:
     """Conjugate gradient on ``H_λ x = v`` preconditioned by K-FAC or EK-FAC (``preconditioner``).
 
     ``prepare`` fits the Kronecker factors once (:func:`kronecker_factored`); each CG iteration
@@ -680,21 +918,23 @@ def pcg(preconditioner: str = "kfac", tol: float = 1e-6, maxiter: int = 200, fis
     exact ``H_λ`` being solved): the preconditioner only changes how fast it gets there, which
     on the ill-conditioned heads of FMD is most of the cost (Martens 2010 uses a diagonal
     preconditioner for Hessian-free optimisation; K-FAC's inverse is the block-structured one).
+    The preconditioner's damping is ``λ`` plus the curvature ``c`` of an isotropic
+    parameter-only term of the loss (see :func:`kronecker_factored`).
     """
     if preconditioner not in ("kfac", "ekfac"):
         raise PrivDebiasError(f"pcg preconditioner must be 'kfac' or 'ekfac', got {preconditioner!r}")
-    inner = kronecker_factored(preconditioner == "ekfac", fisher, chunk_size)
-    return _cg_solver("pcg", tol, maxiter, inner.prepare, preconditioner)
+    inner = kronecker_factored(preconditioner == "ekfac", fisher, chunk_size, residual_tol)
+    return _cg_solver("pcg", tol, maxiter, inner.prepare, preconditioner, residual_tol)
 
 
-def kfac(fisher: str = "true", chunk_size: int = 256) -> InverseHVPSolver:
+def kfac(fisher: str = "true", chunk_size: int = 256, residual_tol: float = 1e-3) -> InverseHVPSolver:
     """K-FAC: :func:`kronecker_factored` without eigenvalue correction."""
-    return kronecker_factored(False, fisher, chunk_size)
+    return kronecker_factored(False, fisher, chunk_size, residual_tol)
 
 
-def ekfac(fisher: str = "true", chunk_size: int = 256) -> InverseHVPSolver:
+def ekfac(fisher: str = "true", chunk_size: int = 256, residual_tol: float = 1e-3) -> InverseHVPSolver:
     """EK-FAC: :func:`kronecker_factored` with the eigenvalues refitted in the Kronecker eigenbasis."""
-    return kronecker_factored(True, fisher, chunk_size)
+    return kronecker_factored(True, fisher, chunk_size, residual_tol)
 
 
 SOLVERS: dict[str, Callable[..., InverseHVPSolver]] = {
