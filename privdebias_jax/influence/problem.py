@@ -6,6 +6,12 @@ the batch), the parameter subset ``S`` it is differentiated in, and the damping 
 
     H_λ = ∇²_{θ_S} L(θ) + λ I        (curvature="hessian")
     H_λ = J_Sᵀ ∇²_z ℓ J_S + λ I       (curvature="gauss_newton", needs the model)
+    H_λ = (1/n) Σ_i g_i g_iᵀ + λ I     (curvature="empirical_fisher", g_i = ∇_{θ_S} ℓ(z_i))
+
+For the softmax cross-entropy the Gauss-Newton matrix equals the true Fisher
+``E_{x, y∼p_θ(y|x)}[∇ℓ ∇ℓᵀ]`` (Martens 2020, "New insights and perspectives on the natural
+gradient method", §9.2); the empirical Fisher uses the training labels instead of labels drawn
+from the model (Kunstner et al. 2019 discuss where the two differ).
 
 Its products (:meth:`CurvatureProblem.matvec`) and per-example gradients
 (:func:`per_example_grads`) are jitted with the data and the frozen parameters as arguments.
@@ -31,7 +37,7 @@ from privdebias_jax.train import apply_model, cross_entropy_loss
 from privdebias_jax.types import ModelState, Params, PrivDebiasError
 
 Tree = Any
-CURVATURES = ("hessian", "gauss_newton")
+CURVATURES = ("hessian", "gauss_newton", "empirical_fisher")
 
 
 def _restricted_loss(loss_fn, selected, frozen, batch, model_state):
@@ -81,7 +87,8 @@ class CurvatureProblem:
       batch: the data ``H`` is averaged over (a :class:`Batch`, mask honoured by ``loss_fn``).
       selected, frozen: the subset ``S`` (flat dict path → array) and the rest.
       damping: ``λ ≥ 0`` added to the diagonal.
-      curvature: ``hessian`` or ``gauss_newton``.
+      curvature: ``hessian``, ``gauss_newton`` (= the true Fisher for softmax cross-entropy) or
+        ``empirical_fisher``.
       model, model_state: the Flax module (needed for ``gauss_newton``, the closed-form head
         solver and the true-Fisher K-FAC) and its batch statistics.
       reuse_linearization: for ``hessian``, the first :meth:`matvec` linearizes the gradient
@@ -116,6 +123,8 @@ class CurvatureProblem:
     def _curvature_fn(self):
         if self.curvature == "hessian":
             return None
+        if self.curvature == "empirical_fisher":
+            return _empirical_fisher_product(self.loss_fn)
         return _gn_product(self.model)
 
     @functools.cached_property
@@ -177,6 +186,28 @@ def _gn_product(model: nn.Module):
     return product
 
 
+@functools.lru_cache(maxsize=32)
+def _empirical_fisher_product(loss_fn: Callable[..., jax.Array]):
+    """``v ↦ (1/Σm) Σ_i m_i g_i (g_iᵀ v)`` with ``g_i`` the gradient of ``loss_fn`` on example ``i``
+    alone: one forward-mode pass for every ``g_iᵀ v`` and one reverse pass for the weighted sum."""
+
+    def product(selected, frozen, batch, model_state, v):
+        weight = batch.mask.astype(jnp.float32) / jnp.maximum(jnp.sum(batch.mask.astype(jnp.float32)), 1.0)
+
+        def per_example_losses(s):
+            def one(ex):
+                b1 = Batch(*(a[None] for a in ex))
+                return _restricted_loss(loss_fn, s, frozen, b1._replace(mask=jnp.ones_like(b1.mask)), model_state)
+
+            return jax.vmap(one)(batch)
+
+        _, g_dot_v = jax.jvp(per_example_losses, (selected,), (v,))
+        _, pullback = jax.vjp(per_example_losses, selected)
+        return pullback((weight * g_dot_v).astype(g_dot_v.dtype))[0]
+
+    return product
+
+
 def make_problem(
     loss_fn: Callable[..., jax.Array],
     params: Params,
@@ -193,7 +224,8 @@ def make_problem(
 
     ``batch`` may be a :class:`Dataset` (taken whole, mask of ones). For
     ``curvature="gauss_newton"`` the model is required and the loss is taken to be the mean
-    cross-entropy of its logits. ``reuse_linearization`` (``hessian`` only): products reuse one
+    cross-entropy of its logits. ``curvature="empirical_fisher"`` needs only ``loss_fn``
+    (each example's gradient is that of ``loss_fn`` on a batch holding only it). ``reuse_linearization`` (``hessian`` only): products reuse one
     linearization of the gradient at ``params`` (see :class:`CurvatureProblem`).
 
     Raises:
