@@ -185,3 +185,25 @@ def test_empirical_fisher_is_mean_outer_product_of_per_example_grads(digits_prob
     want = g.T @ g / len(g)
     got = np.asarray(dense_curvature(problem), np.float64)
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_exact_too_large_is_refused_before_allocating(digits_problem):
+    from privdebias_jax.influence.solvers import check_dense_fits
+
+    assert check_dense_fits(1000, available=10**9) == 3 * 4 * 1000**2
+    with pytest.raises(PrivDebiasError, match=r"256,000 × 256,000 curvature needs about 732.4 GiB"):
+        check_dense_fits(256_000, available=24 * 2**30)
+    # a problem of 256k parameters: refused by the exact solver's prepare, before any product
+    _, _, _, _, train = digits_problem
+    big = {"head": {"kernel": jnp.zeros((64, 4000), jnp.float32), "bias": jnp.zeros(4000, jnp.float32)}}
+    problem = make_problem(_data_loss, big, train)
+    with pytest.raises(PrivDebiasError, match="exact: a dense 260,000 × 260,000 curvature"):
+        influence_matrix(problem, train, train, solver="exact")
+
+
+def test_unknown_solver_and_curvature_names(digits_problem):
+    _, _, _, problem, train = digits_problem
+    with pytest.raises(PrivDebiasError, match="unknown inverse-HVP solver 'newton'"):
+        influence_matrix(problem, train, train, solver="newton")
+    with pytest.raises(PrivDebiasError, match="unknown curvature 'fisher'"):
+        make_problem(_data_loss, problem.params, train, curvature="fisher")

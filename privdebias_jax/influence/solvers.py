@@ -161,8 +161,49 @@ def _dense_restricted_hessian(loss_fn, selected, frozen, batch, model_state):
     return dense_hessian(lambda s, fr, b, ms: _restricted_loss(loss_fn, s, fr, b, ms), selected, frozen, batch, model_state)
 
 
+def _available_bytes() -> int:
+    """Memory the OS reports as available (``MemAvailable`` of ``/proc/meminfo``; physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 2**63 - 1
+
+
+DENSE_COPIES = 3  # the matrix, its symmetrised copy and the eigenvectors (or the Cholesky factor)
+
+
+def check_dense_fits(num_params: int, what: str = "exact", available: int | None = None) -> int:
+    """Estimate the memory of a dense ``(P, P)`` float32 curvature and its factorisation,
+    ``3 · 4 · P²`` bytes, before anything is allocated; returns the estimate.
+
+    Raises:
+      PrivDebiasError: when the estimate exceeds the available memory (``available`` bytes, by
+        default what the OS reports), naming the size and the matrix-free solvers to use instead.
+    """
+    need = DENSE_COPIES * 4 * int(num_params) ** 2
+    avail = _available_bytes() if available is None else int(available)
+    if need > avail:
+        raise PrivDebiasError(
+            f"{what}: a dense {num_params:,} × {num_params:,} curvature needs about {need / 2**30:.1f} GiB "
+            f"({DENSE_COPIES} float32 copies) but {avail / 2**30:.1f} GiB are available; use cg, pcg, lissa, "
+            "arnoldi, kfac or ekfac, or select fewer parameters"
+        )
+    return need
+
+
 def dense_curvature(problem: CurvatureProblem) -> jax.Array:
-    """The undamped curvature matrix ``(P, P)`` of the problem (Hessian or Gauss-Newton)."""
+    """The undamped curvature matrix ``(P, P)`` of the problem (Hessian, Gauss-Newton or empirical
+    Fisher). Its memory is checked first (:func:`check_dense_fits`)."""
+    check_dense_fits(problem.num_params, "dense curvature")
     if problem.curvature == "hessian":
         return _dense_restricted_hessian(problem.loss_fn, problem.selected, problem.frozen, problem.batch,
                                          problem.model_state)
@@ -182,6 +223,7 @@ def exact(method: str = "eigh", allow_indefinite: bool = False, residual_tol: fl
 
     def prepare(problem: CurvatureProblem):
         t0 = time.perf_counter()
+        check_dense_fits(problem.num_params, "exact")
         h = dense_curvature(problem)
         h = 0.5 * (h + h.T)
         lam = problem.damping
@@ -982,6 +1024,7 @@ __all__ = [
     "as_solver",
     "inverse_hvp",
     "dense_curvature",
+    "check_dense_fits",
     "linear_head_hessian",
     "exact",
     "linear_head",
