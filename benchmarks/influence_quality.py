@@ -265,8 +265,13 @@ def recipe_retrain(model, init_params, train: Dataset, test: Dataset, keep: np.n
 # -------------------------------------------------------------------------------- solver grid
 
 
-def solver_grid(problem_kind: str, num_params: int, cfg: dict) -> list[tuple[str, str, str, dict]]:
-    """``(label, solver, curvature, options)`` for one problem."""
+def solver_grid(problem_kind: str, num_params: int, cfg: dict, only: tuple[str, ...] = ()) -> list[tuple[str, str, str, dict]]:
+    """``(label, solver, curvature, options)`` for one problem (the labels in ``only`` when given)."""
+    grid = _full_grid(problem_kind, num_params, cfg)
+    return [g for g in grid if g[0] in only] if only else grid
+
+
+def _full_grid(problem_kind: str, num_params: int, cfg: dict) -> list[tuple[str, str, str, dict]]:
     cg_it = cfg["cg_maxiter"][problem_kind]
     grid: list[tuple[str, str, str, dict]] = []
     if num_params <= EXACT_MAX_PARAMS:
@@ -328,7 +333,7 @@ def _score(row: dict, scores: np.ndarray, base: np.ndarray, plan: dict, actual: 
     return row
 
 
-def run_problem(name: str, kind: str, cfg: dict, setup: dict, key) -> dict:
+def run_problem(name: str, kind: str, cfg: dict, setup: dict, key, only: tuple[str, ...] = ()) -> dict:
     """All solvers on one problem; ``setup`` holds the problem arguments, data and retrainer."""
     train, test = setup["train"], setup["test"]
     n = len(train)
@@ -341,7 +346,7 @@ def run_problem(name: str, kind: str, cfg: dict, setup: dict, key) -> dict:
     gsize = max(1, int(round(0.01 * n)))
     plan["group_random"] = removal_masks(n, [rng.choice(n, gsize, replace=False) for _ in range(cfg["groups"])])
 
-    grid = solver_grid(kind, setup["num_params"], cfg)
+    grid = solver_grid(kind, setup["num_params"], cfg, only)
     print(f"  {name}: {grid[0][0]} (reference)", flush=True)
     # the reference solver picks the top groups: the first in the grid (exact where it fits, else cg)
     ref_row, ref_scores = _influence(*grid[0], setup["problem_args"], train, test)
@@ -376,7 +381,7 @@ def run_problem(name: str, kind: str, cfg: dict, setup: dict, key) -> dict:
         rows.append(row if scores is None else _score(row, scores, base, plan, actual))
     return {
         "problem": name, "kind": kind, "num_params": setup["num_params"], "train_examples": n,
-        "test_examples": len(test), "damping": DAMPING, "retraining": setup["retraining"],
+        "test_examples": len(test), "damping": setup["problem_args"]["damping"], "retraining": setup["retraining"],
         "retrain_s": retrain_s, "retrain_check": setup.get("check", {}), "noise_ceiling": noise,
         "group_size": gsize, "solvers": rows,
         "plan": {k: [np.flatnonzero(m_row if k.startswith("lds_") else ~m_row).tolist() for m_row in m]
@@ -395,7 +400,7 @@ def _train_model(model, splits_train, image_shape, epochs, key):
 
 
 def tail_setup(model, params, train: Dataset, test: Dataset, names: tuple[str, ...], input_layer: str | None,
-               num_classes: int) -> dict:
+               num_classes: int, damping: float = DAMPING) -> dict:
     """Frozen inputs of the tail, its float64 minimum of ``L + (λ/2)‖θ‖²``, the library problem and
     the retrainer."""
     def inputs(ds):
@@ -414,7 +419,7 @@ def tail_setup(model, params, train: Dataset, test: Dataset, names: tuple[str, .
     # budget, a short Newton polish, and its retraining noise is measured from a perturbed start.
     budget = ({"max_newton": 60, "lbfgs_iters": 0, "cg_max": 2000} if not names
               else {"max_newton": 5, "lbfgs_iters": 300, "cg_max": 50})
-    theta, gnorm, _ = refit64(names, ftr, train.y, DAMPING, tail_params, full,
+    theta, gnorm, _ = refit64(names, ftr, train.y, damping, tail_params, full,
                               **({**budget, "lbfgs_iters": 5000} if names else budget))
     unravel64 = ravel_pytree(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
                                                                      tail_params))[1]
@@ -427,7 +432,7 @@ def tail_setup(model, params, train: Dataset, test: Dataset, names: tuple[str, .
     checks = {"base_gradient_norm": float(gnorm[0])}
 
     def retrain(keep, start=star, tag=""):
-        thetas, gn, it = refit64(names, ftr, train.y, DAMPING, start, keep, **budget)
+        thetas, gn, it = refit64(names, ftr, train.y, damping, start, keep, **budget)
         checks[f"max_gradient_norm{tag}"] = max(checks.get(f"max_gradient_norm{tag}", 0.0), float(gn.max()))
         checks[f"median_gradient_norm{tag}"] = float(np.median(gn))
         checks[f"max_newton_iterations{tag}"] = max(checks.get(f"max_newton_iterations{tag}", 0), int(it.max()))
@@ -442,7 +447,7 @@ def tail_setup(model, params, train: Dataset, test: Dataset, names: tuple[str, .
     return {
         "train": trf, "test": tef, "base_losses": base, "retrain": retrain, "check": checks,
         "num_params": int(sum(np.size(v) for d in star.values() for v in d.values())),
-        "problem_args": {"loss_fn": make_loss_fn(tail), "params": star32, "batch": trf, "damping": DAMPING,
+        "problem_args": {"loss_fn": make_loss_fn(tail), "params": star32, "batch": trf, "damping": damping,
                          "model": tail},
         "retraining": ("float64 Newton-CG from the refitted minimum to ‖∇‖ ≤ 1e-8 (L + (λ/2)‖θ‖²)" if not names else
                        "float64 L-BFGS (300 steps) + Newton-CG (5 steps of ≤ 50 CG iterations) from the refitted point of L + (λ/2)‖θ‖²; "
@@ -457,6 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale", choices=("cpu", "large"), default="cpu", help="problem sizes (large: accelerators)")
     ap.add_argument("--problems", nargs="*", default=["mlp_head", "mlp_two_layers", "mlp_all", "cnn_head"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--damping-sweep", nargs="*", type=float, default=None, metavar="λ",
+                    help="instead of the solver grid: exact and cg on the head problems at each damping λ")
     ap.add_argument("--out", default=str(RESULTS_DIR / "influence_quality.json"))
     args = ap.parse_args(argv)
     scale = "quick" if args.quick else args.scale
@@ -471,6 +478,19 @@ def main(argv: list[str] | None = None) -> dict:
                            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                            "damping": DAMPING, "fractions": list(FRACTIONS), "problems": []}
 
+    def run_head(name, model, params, splits, test, input_layer, pkey):
+        """The head problem with the full grid, or exact and cg at each damping of the sweep."""
+        for lam in args.damping_sweep or [DAMPING]:
+            setup = tail_setup(model, params, splits.train, test, (), input_layer, splits.num_classes, lam)
+            only = ("exact/hessian", "cg/hessian") if args.damping_sweep else ()
+            label = f"{name}@damping={lam:g}" if args.damping_sweep else name
+            out["problems"].append(run_problem(label, "head", cfg, setup, pkey, only))
+            write_result(args.out, out)
+
+    if args.damping_sweep is not None:
+        if not args.damping_sweep or min(args.damping_sweep) <= 0:
+            ap.error("--damping-sweep needs one or more dampings > 0")
+        args.problems = [p for p in args.problems if p.endswith("_head")]
     need_mlp = any(p.startswith("mlp") for p in args.problems)
     if need_mlp:
         splits = colored_mnist(0.99, key=args.seed, image_size=cfg["image_size"], train_size=cfg["train_size"])
@@ -481,9 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "num_params": int(sum(np.size(v) for d in params.values() for v in d.values()))}
         names = tuple(f"dense_{i}" for i in range(len(cfg["hidden"])))
         if "mlp_head" in args.problems:
-            setup = tail_setup(mlp, params, splits.train, test, (), f"dense_{len(names) - 1}", splits.num_classes)
-            out["problems"].append(run_problem("mlp_head", "head", cfg, setup, jax.random.fold_in(key, 10)))
-            write_result(args.out, out)
+            run_head("mlp_head", mlp, params, splits, test, f"dense_{len(names) - 1}", jax.random.fold_in(key, 10))
         if "mlp_two_layers" in args.problems:
             setup = tail_setup(mlp, params, splits.train, test, (names[-1],), f"dense_{len(names) - 2}",
                                splits.num_classes)
@@ -513,8 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
         test = subset(splits.test_unbiased, np.arange(min(cfg["test_size"], len(splits.test_unbiased))))
         cnn = create_model("small_cnn", splits.num_classes, widths=cfg["cnn_widths"], strides=cfg["cnn_strides"])
         _, params = _train_model(cnn, splits.train, splits.input_shape, cfg["epochs"], jax.random.fold_in(key, 2))
-        setup = tail_setup(cnn, params, splits.train, test, (), None, splits.num_classes)
-        out["problems"].append(run_problem("cnn_head", "head", cfg, setup, jax.random.fold_in(key, 13)))
+        run_head("cnn_head", cnn, params, splits, test, None, jax.random.fold_in(key, 13))
 
     out["seconds"] = time.perf_counter() - t_start
     path = write_result(args.out, out)
