@@ -63,6 +63,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def git_commit() -> str | None:
+    """The repository's ``HEAD`` commit (with ``+dirty`` when tracked files differ), or None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO_ROOT, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def _jsonable(obj: Any) -> Any:
     """Convert NumPy / JAX scalars and arrays, tuples and paths into JSON types."""
     if isinstance(obj, Mapping):
@@ -81,8 +94,8 @@ def _jsonable(obj: Any) -> Any:
 def write_result(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as indented JSON at ``path`` (parents created).
 
-    Adds ``timestamp_utc`` (ISO 8601) and ``machine`` (:func:`machine_info`) unless the
-    payload already has them. Returns the path written.
+    Adds ``timestamp_utc`` (ISO 8601), ``machine`` (:func:`machine_info`) and ``commit``
+    (:func:`git_commit`) unless the payload already has them. Returns the path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +104,7 @@ def write_result(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
         "timestamp_utc", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
     out.setdefault("machine", machine_info())
+    out.setdefault("commit", git_commit())
     path.write_text(json.dumps(_jsonable(out), indent=2) + "\n")
     return path
 
