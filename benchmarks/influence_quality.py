@@ -14,6 +14,8 @@ What is measured (every figure lands in the JSON; the plot lands next to it):
   on Biased-MNIST (ρ = 0.99), trained with the library's ``fit`` (Adam) on ``n`` training digits.
 * Problems:
 
+  - ``digits_logreg``: the calibration problem, softmax regression on scikit-learn's 8×8 digits
+    (1,297 training digits; convex);
   - ``mlp_head``: the MLP's last layer on its frozen features (convex with damping λ);
   - ``mlp_two_layers``: its last two layers (``dense_2`` and ``head``) on the frozen output of
     ``dense_1``;
@@ -404,6 +406,8 @@ def tail_setup(model, params, train: Dataset, test: Dataset, names: tuple[str, .
     """Frozen inputs of the tail, its float64 minimum of ``L + (λ/2)‖θ‖²``, the library problem and
     the retrainer."""
     def inputs(ds):
+        if model is None:  # the data are the inputs (a linear model)
+            return np.asarray(ds.x, np.float32).reshape(len(ds), -1)
         if input_layer is None:  # the head's input: the model's features
             return np.asarray(apply_model(model, params, {}, jnp.asarray(ds.x))[1], np.float32)
         h = jnp.reshape(jnp.asarray(ds.x), (len(ds), -1))
@@ -456,11 +460,28 @@ def tail_setup(model, params, train: Dataset, test: Dataset, names: tuple[str, .
     }
 
 
+def digits_calibration(damping: float, n_test: int) -> tuple[Dataset, Dataset, dict]:
+    """Softmax regression on scikit-learn's 8×8 digits (pixels / 16), the calibration problem:
+    1,297 training and the first ``n_test`` of 500 held-out digits, zero-initialised head."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    x = (x[order] / 16.0).astype(np.float32)
+    y = y[order].astype(np.int32)
+    ids = np.arange(len(y))
+    ntr = len(y) - 500
+    train = Dataset(x[:ntr], y[:ntr], np.zeros(ntr, np.int32), ids[:ntr])
+    test = Dataset(x[ntr : ntr + n_test], y[ntr : ntr + n_test], np.zeros(n_test, np.int32), ids[ntr : ntr + n_test])
+    params = {"head": {"kernel": jnp.zeros((64, 10), jnp.float32), "bias": jnp.zeros(10, jnp.float32)}}
+    return train, test, params
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke sizes")
     ap.add_argument("--scale", choices=("cpu", "large"), default="cpu", help="problem sizes (large: accelerators)")
-    ap.add_argument("--problems", nargs="*", default=["mlp_head", "mlp_two_layers", "mlp_all", "cnn_head"])
+    ap.add_argument("--problems", nargs="*", default=["digits_logreg", "mlp_head", "mlp_two_layers", "mlp_all", "cnn_head"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--damping-sweep", nargs="*", type=float, default=None, metavar="λ",
                     help="instead of the solver grid: exact and cg on the head problems at each damping λ")
@@ -468,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     scale = "quick" if args.quick else args.scale
     cfg = SCALES[scale]
-    unknown = set(args.problems) - {"mlp_head", "mlp_two_layers", "mlp_all", "cnn_head"}
+    unknown = set(args.problems) - {"digits_logreg", "mlp_head", "mlp_two_layers", "mlp_all", "cnn_head"}
     if unknown:
         ap.error(f"unknown problem(s) {sorted(unknown)}")
     t_start = time.perf_counter()
@@ -490,7 +511,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.damping_sweep is not None:
         if not args.damping_sweep or min(args.damping_sweep) <= 0:
             ap.error("--damping-sweep needs one or more dampings > 0")
-        args.problems = [p for p in args.problems if p.endswith("_head")]
+        args.problems = [p for p in args.problems if p.endswith("_head") or p == "digits_logreg"]
+    if "digits_logreg" in args.problems:
+        for lam in args.damping_sweep or [DAMPING]:
+            dtrain, dtest, dparams = digits_calibration(lam, cfg["test_size"])
+            if scale == "quick":
+                dtrain = subset(dtrain, np.arange(cfg["train_size"]))
+            setup = tail_setup(None, dparams, dtrain, dtest, (), None, 10, lam)
+            only = ("exact/hessian", "cg/hessian") if args.damping_sweep else ()
+            label = f"digits_logreg@damping={lam:g}" if args.damping_sweep else "digits_logreg"
+            out["problems"].append(run_problem(label, "head", cfg, setup, jax.random.fold_in(key, 9), only))
+            write_result(args.out, out)
     need_mlp = any(p.startswith("mlp") for p in args.problems)
     if need_mlp:
         splits = colored_mnist(0.99, key=args.seed, image_size=cfg["image_size"], train_size=cfg["train_size"])
