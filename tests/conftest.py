@@ -95,6 +95,11 @@ def small_tabular():
 HEAVY_FILES_FIRST = (  # seconds on one worker, `-n 2 --dist loadfile --durations=0`, 2026-12-03
     "test_augment_smoke.py",  # 192
     "test_cli.py",  # 166
+    "test_benchmark_influence_quality_smoke.py",  # 180 on loaded cores
+    "test_influence_evaluation.py",  # 48–69 on loaded cores
+    "test_kfac_textbook.py",  # not timed on idle cores
+    "test_solver_diagnostics.py",  # not timed on idle cores
+    "test_benchmark_influence_throughput_smoke.py",  # not timed on idle cores
     "test_benchmarks_influence_smoke.py",  # 126 (before the solvers smoke went to --problems head)
     "test_augment.py",  # 113
     "test_influence.py",  # 109
