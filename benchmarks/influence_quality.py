@@ -609,6 +609,10 @@ def plot(result: dict, path: Path) -> Path | None:
                 continue
             ax.scatter(r["seconds"], r["lds_0.5"], s=18)
             ax.annotate(r["label"], (r["seconds"], r["lds_0.5"]), fontsize=6)
+        if prob.get("noise_ceiling"):
+            ax.axhline(prob["noise_ceiling"]["lds_0.5"], ls="--", color="grey", lw=1)
+            ax.annotate("retraining noise", (ax.get_xlim()[0], prob["noise_ceiling"]["lds_0.5"]), fontsize=6,
+                        color="grey")
         ax.set_xscale("log")
         ax.set_xlabel("seconds (prepare + T solves + scores)")
         ax.set_ylabel("LDS at α = 0.5")
