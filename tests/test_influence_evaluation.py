@@ -207,3 +207,21 @@ def test_unknown_solver_and_curvature_names(digits_problem):
         influence_matrix(problem, train, train, solver="newton")
     with pytest.raises(PrivDebiasError, match="unknown curvature 'fisher'"):
         make_problem(_data_loss, problem.params, train, curvature="fisher")
+
+
+def test_per_example_products_equal_flat_gradients_times_vectors(digits_problem):
+    from privdebias_jax.data import as_batch
+    from privdebias_jax.influence import per_example_products
+
+    _, _, _, problem, train = digits_problem
+    small = Dataset(*(np.asarray(v)[:37] for v in train))  # 37 rows in chunks of 16: the last one padded
+    g = np.asarray(per_example_grads(problem, small), np.float64)
+    vecs = np.random.default_rng(3).normal(size=(problem.num_params, 4)).astype(np.float32)
+    got = per_example_products(problem, small, jnp.asarray(vecs), chunk_size=16)
+    np.testing.assert_allclose(got, g @ vecs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(per_example_products(problem, small, jnp.asarray(vecs[:, 0]), chunk_size=16),
+                               g @ vecs[:, 0], rtol=1e-4, atol=1e-5)
+    masked = as_batch(small)._replace(mask=np.r_[np.ones(30), np.zeros(7)].astype(np.float32))
+    np.testing.assert_allclose(per_example_products(problem, masked, jnp.asarray(vecs))[30:], 0.0)
+    with pytest.raises(PrivDebiasError, match=r"expected \(650, T\)"):
+        per_example_products(problem, small, jnp.ones((3, 2)))

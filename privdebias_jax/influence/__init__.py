@@ -33,6 +33,7 @@ from privdebias_jax.influence.problem import (
     iterate_per_example_grads,
     make_problem,
     per_example_grads,
+    per_example_products,
 )
 from privdebias_jax.influence.solvers import (
     SOLVERS,
@@ -59,6 +60,7 @@ __all__ = [
     "make_problem",
     "iterate_per_example_grads",
     "per_example_grads",
+    "per_example_products",
     "SOLVERS",
     "Diagnostics",
     "InverseHVPSolver",

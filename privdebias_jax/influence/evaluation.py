@@ -37,7 +37,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from privdebias_jax.data.dataset import Batch, Dataset
-from privdebias_jax.influence.problem import CurvatureProblem, iterate_per_example_grads
+from privdebias_jax.influence.problem import (
+    CurvatureProblem,
+    iterate_per_example_grads,
+    per_example_products,
+)
 from privdebias_jax.influence.solvers import Diagnostics, InverseHVPSolver, as_solver
 from privdebias_jax.types import PrivDebiasError, PRNGKey
 
@@ -90,8 +94,9 @@ def influence_matrix(
     """``I(z, t) = −∇ℓ_tᵀ H_λ⁻¹ ∇ℓ(z)`` for all training samples ``z`` and test examples ``t``.
 
     One inverse-HVP per test example, ``s_t = H_λ⁻¹ ∇ℓ_t`` (the solver prepared once), then
-    ``I = −G S`` with the per-example training gradients ``G`` (``(N, P)``, in chunks of
-    ``chunk_size`` rows) and ``S = [s_1 … s_T]`` (``(P, T)``). ``test_loss_fn`` gives ``ℓ_t``
+    ``I = −G S`` with the per-example training gradients ``G`` (``(N, P)``, never formed: chunks of
+    ``chunk_size`` rows meet ``S = [s_1 … s_T]`` (``(P, T)``) in one program,
+    :func:`~privdebias_jax.influence.per_example_products`). ``test_loss_fn`` gives ``ℓ_t``
     (default: the problem's ``loss_fn`` on the example alone; pass the data loss when the
     problem's loss carries a regulariser).
 
@@ -117,10 +122,7 @@ def influence_matrix(
             solutions.append(ravel_pytree(x)[0])
             diagnostics.append(diag)
     t2 = time.perf_counter()
-    smat = jnp.stack(solutions, axis=1)  # (P, T)
-    scores = np.zeros((_num(train), smat.shape[1]), np.float64)
-    for rows, g in iterate_per_example_grads(problem, train, chunk_size):
-        scores[rows] = -np.asarray(g @ smat, np.float64)
+    scores = -per_example_products(problem, train, jnp.stack(solutions, axis=1), chunk_size)  # (N, T)
     return InfluenceMatrix(scores, diagnostics, t1 - t0, t2 - t1, time.perf_counter() - t0)
 
 

@@ -37,6 +37,7 @@ from privdebias_jax.influence.problem import (
     CurvatureProblem,
     _restricted_loss,
     iterate_per_example_grads,
+    per_example_products,
 )
 from privdebias_jax.influence.solvers import Diagnostics, InverseHVPSolver, as_solver
 from privdebias_jax.types import Params, PrivDebiasError
@@ -101,11 +102,7 @@ def influence_scores(
     s = as_solver(solver, solver_options)
     state = prepared if prepared is not None else s.prepare(problem)
     ihvp, diag = s.solve(state, objective_grad)
-    sf = ravel_pytree(ihvp)[0]
-    n = len(data.y)
-    scores = np.zeros(n, np.float64)
-    for rows, g in iterate_per_example_grads(problem, data, chunk_size):
-        scores[rows] = -np.asarray(g @ sf, np.float64)
+    scores = -per_example_products(problem, data, ravel_pytree(ihvp)[0], chunk_size)
     return InfluenceResult(scores, ihvp, diag, time.perf_counter() - t0)
 
 

@@ -295,6 +295,61 @@ def iterate_per_example_grads(
         yield slice(start, stop), (g * weight[:, None].astype(g.dtype))[: stop - start]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_dots(loss_fn, selected, frozen, batch, model_state, vectors):
+    """``(chunk, T)``: each example's gradient (a tree, never flattened) against the ``T`` columns
+    of ``vectors`` (a tree shaped like ``selected`` with a trailing axis ``T``), weighted by the
+    mask, in one program."""
+
+    def one(ex):
+        b1 = Batch(*(v[None] for v in ex))
+        b1 = b1._replace(mask=jnp.ones_like(b1.mask))
+        return jax.grad(lambda s: _restricted_loss(loss_fn, s, frozen, b1, model_state))(selected)
+
+    g = jax.vmap(one)(batch)
+    out = sum(jnp.tensordot(g[k], vectors[k], axes=g[k].ndim - 1) for k in g)
+    return out * batch.mask.astype(out.dtype)[:, None]
+
+
+def per_example_products(
+    problem: CurvatureProblem,
+    data: Dataset | Batch,
+    vectors: jax.Array,
+    chunk_size: int = 256,
+) -> np.ndarray:
+    """``G V``: every example's gradient ``∇_{θ_S} ℓ(z_i)`` against the columns of ``vectors``
+    (``(P, T)`` in ``ravel_pytree`` order, or ``(P,)``), as a float64 ``(N, T)`` (or ``(N,)``) array.
+
+    The gradients stay trees and meet the vectors inside one jitted program per fixed-size chunk
+    (no ``(chunk, P)`` copy): the path :func:`~privdebias_jax.influence.influence_scores` and
+    :func:`~privdebias_jax.influence.evaluation.influence_matrix` use. Padding rows (mask 0) give 0.
+
+    Raises:
+      PrivDebiasError: an empty ``data`` or ``vectors`` whose first axis is not ``P``.
+    """
+    b = as_batch(data) if isinstance(data, Dataset) else data
+    n = int(np.shape(b.y)[0])
+    if n == 0:
+        raise PrivDebiasError("per-example products of an empty set")
+    mat = jnp.asarray(vectors)
+    single = mat.ndim == 1
+    mat = mat[:, None] if single else mat
+    if mat.ndim != 2 or mat.shape[0] != problem.num_params:
+        raise PrivDebiasError(f"vectors have shape {tuple(np.shape(vectors))}; expected ({problem.num_params}, T)")
+    unravel = ravel_pytree(problem.selected)[1]
+    tree = jax.vmap(unravel, in_axes=1, out_axes=-1)(mat)  # leaves shaped like selected, trailing T
+    cs = max(1, min(int(chunk_size), n))
+    host = [np.asarray(v) for v in b]
+    out = np.zeros((n, mat.shape[1]), np.float64)
+    for start in range(0, n, cs):
+        stop = min(start + cs, n)
+        rows = np.arange(start, start + cs) % n if stop - start < cs else np.arange(start, stop)
+        chunk = Batch(*(jnp.asarray(v[rows]) for v in host))
+        res = _per_example_dots(problem.loss_fn, problem.selected, problem.frozen, chunk, problem.model_state, tree)
+        out[start:stop] = np.asarray(res, np.float64)[: stop - start]
+    return out[:, 0] if single else out
+
+
 def per_example_grads(problem: CurvatureProblem, data: Dataset | Batch, chunk_size: int = 256) -> jax.Array:
     """All per-example gradients as one ``(N, P)`` array (see :func:`iterate_per_example_grads`)."""
     return jnp.concatenate([g for _, g in iterate_per_example_grads(problem, data, chunk_size)])
@@ -306,4 +361,5 @@ __all__ = [
     "make_problem",
     "iterate_per_example_grads",
     "per_example_grads",
+    "per_example_products",
 ]
