@@ -74,3 +74,21 @@ def test_unknown_problem_is_one_line():
     proc = subprocess.run([sys.executable, "benchmarks/influence_quality.py", "--problems", "resnet_all"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown problem(s) ['resnet_all']" in proc.stderr
+
+
+def test_docs_tables_carry_the_json_figures(tmp_path):
+    from benchmarks.write_docs import main as write_docs
+
+    rows = {"problems": [{"problem": "p", "num_params": 12, "train_examples": 40, "test_examples": 5, "damping": 0.1,
+                          "retraining": "r", "retrain_check": {"max_gradient_norm": 1e-9}, "noise_ceiling": None,
+                          "solvers": [{"label": "exact/hessian", "lds_0.5": 0.8766, "lds_0.9": 0.9, "lds_0.99": 0.99,
+                                       "loo": 0.95, "group_top": 0.5, "group_random": 0.25, "seconds": 3.25,
+                                       "max_residual": 1e-6, "converged": 5, "solves": 5},
+                                      {"label": "kfac/true_fisher", "error": "boom"}]}],
+            "command": "python x.py", "commit": "abc", "timestamp_utc": "2026-01-01",
+            "machine": {"jax_backend": "cpu", "jax_device_kinds": ["cpu"], "cpu_count_usable": 2}}
+    (tmp_path / "influence_quality.json").write_text(json.dumps(rows))
+    out = write_docs(tmp_path / "b.md", tmp_path).read_text()
+    assert "| exact/hessian | 0.877 | 0.900 | 0.990 | 0.950 | 0.500 | 0.250 | 3.2 | 1.0e-06 | 5/5 |" in out
+    assert "error: boom" in out and "`python x.py`" in out and "commit `abc`" in out
+    assert "_influence_throughput.json: not run yet._" in out
