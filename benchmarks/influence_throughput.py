@@ -108,10 +108,10 @@ FULL = {
     # on 2 cores, so its N is halved to keep the full run within about 10 minutes.
     "n_train": {"mlp": 4000, "small_cnn": 2000},
     "n_test": 1000,
-    # The library's default. Smaller chunks speed up both sides' per-example gradients on an idle
-    # machine, but PyTorch's at 32 and 64 slow down several-fold when other processes load the
-    # cores, so 256 is the steadier comparison (chunk_sweep has 32 and 256).
-    "chunk_size": 256,
+    # Both sides at the same chunk size; on idle cores 32 is faster than 256 for both (chunk_sweep
+    # has 16, 32 and 256). PyTorch's small-chunk times swing several-fold when other processes
+    # load the cores: run it on an idle machine (the load average is in the JSON).
+    "chunk_size": 32,
     "cg_iters": 20,
     # λ = 1: the Hessian at this point is indefinite, and at λ = 0.01 (and 0.1, 0.3) CG meets a
     # direction of negative curvature within 5 to 10 iterations and stops; with λ = 1 both sides
@@ -127,7 +127,7 @@ FULL = {
     "train_on": "split",
     "learning_rate": 1e-3,
     "scores_head": 16,
-    "sweep_chunks": [32, 256],
+    "sweep_chunks": [16, 32, 256],
     "sweep_rows": 1024,
 }
 QUICK = {

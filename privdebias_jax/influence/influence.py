@@ -90,13 +90,14 @@ def influence_scores(
     data: Dataset | Batch,
     solver: str | InverseHVPSolver = "cg",
     solver_options: dict | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = 32,
     prepared: Any | None = None,
 ) -> InfluenceResult:
     """``I(z_i) = −∇fᵀ H_λ⁻¹ ∇ℓ(z_i)`` for every example of ``data``.
 
     ``objective_grad`` is ``∇_{θ_S} f`` (:func:`objective_gradient`); ``prepared`` is a solver
-    state from ``solver.prepare(problem)`` to reuse (FMD calls it for several objectives).
+    state from ``solver.prepare(problem)`` to reuse (FMD calls it for several objectives). The
+    scores are :func:`~privdebias_jax.influence.per_example_products` in chunks of ``chunk_size``.
     """
     t0 = time.perf_counter()
     s = as_solver(solver, solver_options)
