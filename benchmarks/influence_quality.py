@@ -483,12 +483,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale", choices=("cpu", "large"), default="cpu", help="problem sizes (large: accelerators)")
     ap.add_argument("--problems", nargs="*", default=["digits_logreg", "mlp_head", "mlp_two_layers", "mlp_all", "cnn_head"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="override the scale's image side (28: the FMD MLP's 256k parameters in all layers)")
     ap.add_argument("--damping-sweep", nargs="*", type=float, default=None, metavar="λ",
                     help="instead of the solver grid: exact and cg on the head problems at each damping λ")
     ap.add_argument("--out", default=str(RESULTS_DIR / "influence_quality.json"))
     args = ap.parse_args(argv)
     scale = "quick" if args.quick else args.scale
-    cfg = SCALES[scale]
+    cfg = dict(SCALES[scale])
+    if args.image_size is not None:
+        if args.image_size < 4:
+            ap.error(f"--image-size must be at least 4, got {args.image_size}")
+        cfg["image_size"] = args.image_size
     unknown = set(args.problems) - {"digits_logreg", "mlp_head", "mlp_two_layers", "mlp_all", "cnn_head"}
     if unknown:
         ap.error(f"unknown problem(s) {sorted(unknown)}")

@@ -94,6 +94,8 @@ def main(target: Path | None = None, results: Path = RESULTS_DIR) -> Path:
     sources = [("influence_quality.json", lambda r: quality_section(r, "Influence quality against retraining")),
                ("influence_quality_digits.json",
                 lambda r: quality_section(r, "Influence quality against retraining: the calibration problem")),
+               ("influence_quality_mlp28.json",
+                lambda r: quality_section(r, "Influence quality against retraining: all layers of the 28×28 MLP")),
                ("influence_quality_damping.json",
                 lambda r: quality_section(r, "Influence quality against retraining: the damping of the head")),
                ("influence_throughput.json", throughput_section)]
