@@ -250,6 +250,7 @@ def test_planner_counts_reach_the_target_bias(prior):
     assert capped.sum() == 100
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_training(tmp_path):
     cfg = AugmentConfig.tiny(epochs=3, checkpoint_every=1, batch_size=16, denoiser="mlp", latent="pca")  # on images
     rng = np.random.default_rng(0)

@@ -291,6 +291,7 @@ def test_seed_summary_and_pc1_fits_by_hand():
     assert res["separation"] > 10
 
 
+@pytest.mark.integration
 def test_cli_train_with_a_method(tmp_path):
     from privdebias_jax.cli import main
     from privdebias_jax.pipeline import load_model
@@ -307,6 +308,7 @@ def test_cli_train_with_a_method(tmp_path):
     assert main([*args, "--method", "end", "--alpha", "-1", "--out", str(tmp_path / "y")]) == 2
 
 
+@pytest.mark.integration
 def test_study_script_tiny(tmp_path):
     import importlib.util
 
@@ -325,6 +327,7 @@ def test_study_script_tiny(tmp_path):
     assert study.get_config().method == "end"
 
 
+@pytest.mark.integration
 def test_celeba_config_on_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     import importlib.util

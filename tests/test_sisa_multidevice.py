@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from shared_checks import child_result
 
+pytestmark = pytest.mark.integration  # runs the shards in subprocesses with fake devices
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""

@@ -144,6 +144,7 @@ def _leaves(ctx, directory, data):
     return [np.asarray(v) for v in jax.tree_util.tree_leaves(sisa.stacked_state().params)], sisa
 
 
+@pytest.mark.slow
 def test_loop_adds_forgets_and_resumes_to_the_same_state(tmp_path, whole, monkeypatch):
     ctx, state, out = whole
     assert state.round == 2 and len(state.history) == 3 and state.stopped
