@@ -443,6 +443,12 @@ def run_stage(
     return jax.device_get(stacked)
 
 
+def _key_data(key: PRNGKey) -> jax.Array:
+    """The raw ``uint32`` data of a key: a typed key (``jax.random.key``) is unwrapped, a legacy
+    ``PRNGKey`` passes as it is (for the same seed both give the same data)."""
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
 def train_models(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -508,7 +514,7 @@ def train_models(
         )
         m = np.stack([masks[i] for i in lanes] + [np.zeros(n_rows)] * pad).astype(np.float32)
         block = Batch(x, y.astype(np.int32), a.astype(np.int32), idx, m)
-        keys = np.stack([np.asarray(jax.random.fold_in(lane_keys[i], 1)) for i in lanes_p])
+        keys = np.stack([np.asarray(_key_data(jax.random.fold_in(lane_keys[i], 1))) for i in lanes_p])
         out = run_stage(
             model,
             tx,

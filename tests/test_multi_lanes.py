@@ -519,3 +519,14 @@ def test_epochs_cut_to_the_largest_lane_equal_full_epochs_and_too_few_batches_ra
     assert_lanes_distinct(full)
     with pytest.raises(PrivDebiasError, match="cannot hold a lane's 15 rows"):
         run_stage(MODEL, TX, states, block, keys, batches=3, **common)
+
+
+def test_train_models_typed_and_legacy_keys_give_the_same_models():
+    data = _tabular(20, 1)
+    masks = np.ones((2, len(data)), np.float32)
+    masks[1, :5] = 0
+    common = {"epochs": 1, "batch_size": 8, "layout": "loop", "mesh": None, "width": 2, "lane_batch": 1}
+    legacy = train_models(MODEL, TX, data, masks, jax.random.PRNGKey(4), **common)
+    typed = train_models(MODEL, TX, data, masks, jax.random.key(4), **common)
+    for a, b in zip(jax.tree_util.tree_leaves(legacy.params), jax.tree_util.tree_leaves(typed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
