@@ -89,7 +89,7 @@ def add_training_options(p: argparse.ArgumentParser, dataset_required: bool = Tr
         help="cpu: small fast defaults; paper: the papers' model sizes (GPU/TPU)",
     )
     p.add_argument("--rho", type=_rho, help="P(colour = digit) for the MNIST variants, in [0, 1]")
-    p.add_argument("--epochs", type=_non_negative_int)
+    p.add_argument("--epochs", type=_positive_int, help="training epochs (≥ 1)")
     p.add_argument(
         "--model", help="model registry name (mlp, tabular_mlp, small_cnn, simple_conv, resnet)"
     )

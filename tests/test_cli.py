@@ -135,7 +135,9 @@ def test_run_quick_writes_the_results_folder(tmp_path, capsys):
     [
         (["train", "--dataset", "biased-mnist", "--rho", "1.5"], "rho must be in [0, 1]"),
         (["train", "--dataset", "nope"], "invalid choice"),
-        (["train", "--dataset", "biased-mnist", "--epochs", "-1"], "non-negative"),
+        (["train", "--dataset", "biased-mnist", "--epochs", "-1"], "positive integer"),
+        (["train", "--dataset", "biased-mnist", "--epochs", "0"], "expected a positive integer, got 0"),
+        (["run", "--quick", "--epochs", "0"], "expected a positive integer, got 0"),
         (["train", "--dataset", "biased-mnist", "--batch-size", "0"], "positive integer"),
     ],
 )
