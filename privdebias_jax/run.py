@@ -19,7 +19,8 @@ membership inference, the attribute probe). It writes
   ``sync/`` (state.json, SISA shards, synthetic samples, forget lists), ``naive/``.
 
 A folder that already holds a run is refused unless ``resume`` is set (then every stage with a
-checkpoint continues from it: the diffusion model, the SISA shards, the sync loop's last round).
+checkpoint continues from it: the diffusion model, the SISA shards, the sync loop's last round);
+``resume`` on a folder that holds no run is refused too.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def _claim_folder(out: Path, config: ml_collections.ConfigDict, quick: bool, res
                 f"{out} holds a run of another configuration; it cannot be resumed with this one"
             )
         return
-    if out.exists() and any(out.iterdir()) and not resume:
+    if resume:
+        raise PrivDebiasError(f"--resume: {out} holds no run to resume (no run.json); leave out --resume to start one")
+    if out.exists() and any(out.iterdir()):
         raise PrivDebiasError(f"{out} is not empty and holds no run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, mine)

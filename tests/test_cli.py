@@ -130,6 +130,13 @@ def test_run_quick_writes_the_results_folder(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_run_resume_with_nothing_to_resume_is_refused(tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert main(["run", "--quick", "--no-progress", "--out", str(out), "--resume"]) == 2
+    assert "holds no run to resume (no run.json)" in capsys.readouterr().err
+    assert not out.exists()  # nothing written or left behind
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
