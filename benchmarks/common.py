@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: machine description, timing and JSON results.
 
-Timing rules (see shared/PLATFORM.md): data and parameters go to jitted functions as
+Timing rules: data and parameters go to jitted functions as
 *arguments* (closed-over arrays are constant-folded by XLA), every timed call ends with
 ``jax.block_until_ready``, warm-up calls (compilation) are never timed, and the figure
 reported is the median of several repeats: the machine is shared and noisy, so trust

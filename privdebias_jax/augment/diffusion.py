@@ -200,7 +200,7 @@ def train_denoiser(
     ``epochs`` (default ``config.epochs``) lets a caller stop early (tests of resume). Batches
     drop the remainder (every step has the full batch size). Convolution-free denoisers scan
     a whole epoch under one jit; convolutional ones call a jitted step per batch (XLA CPU
-    convolutions are slow inside ``lax.scan``, PLATFORM.md).
+    convolutions are slow inside ``lax.scan``; ``benchmarks/fit_loop.py`` measures it).
 
     Returns:
       The final :class:`DiffusionState` and one history row per epoch trained in this call

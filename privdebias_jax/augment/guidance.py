@@ -1,4 +1,4 @@
-"""KL-gradient guidance on the predicted clean sample x̂₀ (seed 000's bias metric as a guide).
+"""KL-gradient guidance on the predicted clean sample x̂₀ (Pan et al. 2024's bias metric as a guide).
 
 Seed 000 ("Privacy-Preserving Debiasing using Data Augmentation and Machine Unlearning",
 arXiv 2404.13194) measures the partial bias of an attribute τ as ``KL(D(τ) ‖ P(τ))`` and
@@ -10,7 +10,7 @@ real data, and the sampler moves x̂₀ down the gradient of
 
 * the batch is split into groups ``g``; by default a group is one requested ``(y, a)`` cell
   (``group_by="cell"``), or one requested class (``group_by="class"``: the literal partial
-  bias ``KL(D(τ | y) ‖ P(τ))`` of seed 000, which only constrains the group's attribute
+  bias ``KL(D(τ | y) ‖ P(τ))`` of Pan et al. 2024, which only constrains the group's attribute
   *mixture*: with several attributes requested for a class, any sample may take any of them);
 * ``q̄_g = (1/n_g) Σ_{i ∈ g} m_i softmax(f_a(x̂₀_i))``: the batch's attribute distribution in
   group ``g`` (``m_i`` masks padding rows, ``n_g = Σ_{i ∈ g} m_i``);

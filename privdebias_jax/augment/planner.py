@@ -1,6 +1,6 @@
 """How many synthetic samples each (class, attribute) cell needs to bring the dataset's bias to a target.
 
-The bias is seed 000's KL bias from :mod:`privdebias_jax.metrics.fairness`, on the class ×
+The bias is Pan et al. 2024's KL bias from :mod:`privdebias_jax.metrics.fairness`, on the class ×
 attribute count table ``N[y, a]``:
 
     B(N) = Σ_y p(y) KL(D(τ | y) ‖ P(τ))

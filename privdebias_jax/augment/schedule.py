@@ -4,7 +4,7 @@ The schedule ``ᾱ_t = Π_{s ≤ t} (1 − β_s)`` comes from diffusers' ``FlaxD
 (same betas: ``linear``, ``scaled_linear`` or the cosine ``squaredcos_cap_v2``), so a model
 trained here runs under diffusers' scheduler too. The update is written out here because
 diffusers' ``eta > 0`` adds no noise (it takes no key) and ``FlaxDDPMScheduler.step`` fails on
-current jax (PLATFORM.md).
+current jax.
 
 * Forward process (Ho et al. 2020, eq. 4): ``x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε``.
 * Predicted clean sample (Song et al. 2021, DDIM eq. 12): ``x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t``,

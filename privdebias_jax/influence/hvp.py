@@ -1,8 +1,8 @@
 """Curvature products on parameter subsets: Hessian-, Gauss-Newton- and dense Hessians.
 
 Everything here takes the data and the frozen parameters as *arguments* (never closed
-over), so a jitted product does not constant-fold the backbone (PLATFORM.md: slow compiles
-and wrong timings otherwise).
+over), so a jitted product does not constant-fold the backbone (XLA folds closed-over arrays
+into the program: slow compiles and misleading timings).
 
 * :func:`hvp`: ``H v = ∂/∂ε ∇f(θ + ε v)`` by forward-over-reverse (``jax.jvp`` of
   ``jax.grad``), 1.6–2.1× a gradient here; reverse-over-reverse costs 6–11× on CNNs.

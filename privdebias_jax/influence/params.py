@@ -76,7 +76,7 @@ def restrict(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
     """Lift ``loss_fn(params, batch, *args)`` to ``f(selected, frozen, batch, *args)``.
 
     The frozen parameters are an argument, never closed over, so a jitted HVP does not
-    constant-fold the backbone (PLATFORM.md).
+    constant-fold the backbone (XLA folds closed-over arrays into the program: slow compiles).
     """
 
     def restricted(selected: dict[str, Any], frozen: dict[str, Any], batch: Any, *args: Any) -> Any:

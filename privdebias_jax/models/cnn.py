@@ -4,7 +4,7 @@
 De-biased Representations with Biased Representations"): 4 conv layers, kernel 7, widths
 16-32-64-128, batch norm, ReLU, global average pooling, a linear head. Kernel, widths,
 strides and normalisation are configurable: the CPU default (``small_cnn``) uses kernel 3 and
-strides 1, 2, 2, 2 without batch norm, about 50× faster here (PLATFORM.md). ``features`` is
+strides 1, 2, 2, 2 without batch norm, much faster on a CPU. ``features`` is
 the pooled vector before the head (the bottleneck).
 """
 
