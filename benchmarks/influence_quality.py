@@ -460,7 +460,7 @@ def tail_setup(model, params, train: Dataset, test: Dataset, names: tuple[str, .
     }
 
 
-def digits_calibration(damping: float, n_test: int) -> tuple[Dataset, Dataset, dict]:
+def digits_calibration(n_test: int) -> tuple[Dataset, Dataset, dict]:
     """Softmax regression on scikit-learn's 8×8 digits (pixels / 16), the calibration problem:
     1,297 training and the first ``n_test`` of 500 held-out digits, zero-initialised head."""
     from sklearn.datasets import load_digits
@@ -505,10 +505,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                            "damping": DAMPING, "fractions": list(FRACTIONS), "problems": []}
 
-    def run_head(name, model, params, splits, test, input_layer, pkey):
-        """The head problem with the full grid, or exact and cg at each damping of the sweep."""
+    def run_head(name, make_setup, pkey):
+        """A head problem (``make_setup(λ)``) with the full grid, or exact and cg at each damping of the sweep."""
         for lam in args.damping_sweep or [DAMPING]:
-            setup = tail_setup(model, params, splits.train, test, (), input_layer, splits.num_classes, lam)
+            setup = make_setup(lam)
             only = ("exact/hessian", "cg/hessian") if args.damping_sweep else ()
             label = f"{name}@damping={lam:g}" if args.damping_sweep else name
             out["problems"].append(run_problem(label, "head", cfg, setup, pkey, only))
@@ -519,15 +519,11 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error("--damping-sweep needs one or more dampings > 0")
         args.problems = [p for p in args.problems if p.endswith("_head") or p == "digits_logreg"]
     if "digits_logreg" in args.problems:
-        for lam in args.damping_sweep or [DAMPING]:
-            dtrain, dtest, dparams = digits_calibration(lam, cfg["test_size"])
-            if scale == "quick":
-                dtrain = subset(dtrain, np.arange(cfg["train_size"]))
-            setup = tail_setup(None, dparams, dtrain, dtest, (), None, 10, lam)
-            only = ("exact/hessian", "cg/hessian") if args.damping_sweep else ()
-            label = f"digits_logreg@damping={lam:g}" if args.damping_sweep else "digits_logreg"
-            out["problems"].append(run_problem(label, "head", cfg, setup, jax.random.fold_in(key, 9), only))
-            write_result(args.out, out)
+        dtrain, dtest, dparams = digits_calibration(cfg["test_size"])
+        if scale == "quick":
+            dtrain = subset(dtrain, np.arange(cfg["train_size"]))
+        run_head("digits_logreg", lambda lam: tail_setup(None, dparams, dtrain, dtest, (), None, 10, lam),
+                 jax.random.fold_in(key, 9))
     need_mlp = any(p.startswith("mlp") for p in args.problems)
     if need_mlp:
         splits = colored_mnist(0.99, key=args.seed, image_size=cfg["image_size"], train_size=cfg["train_size"])
@@ -538,7 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "num_params": int(sum(np.size(v) for d in params.values() for v in d.values()))}
         names = tuple(f"dense_{i}" for i in range(len(cfg["hidden"])))
         if "mlp_head" in args.problems:
-            run_head("mlp_head", mlp, params, splits, test, f"dense_{len(names) - 1}", jax.random.fold_in(key, 10))
+            run_head("mlp_head", lambda lam: tail_setup(mlp, params, splits.train, test, (), f"dense_{len(names) - 1}",
+                                                        splits.num_classes, lam), jax.random.fold_in(key, 10))
         if "mlp_two_layers" in args.problems:
             setup = tail_setup(mlp, params, splits.train, test, (names[-1],), f"dense_{len(names) - 2}",
                                splits.num_classes)
@@ -568,7 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
         test = subset(splits.test_unbiased, np.arange(min(cfg["test_size"], len(splits.test_unbiased))))
         cnn = create_model("small_cnn", splits.num_classes, widths=cfg["cnn_widths"], strides=cfg["cnn_strides"])
         _, params = _train_model(cnn, splits.train, splits.input_shape, cfg["epochs"], jax.random.fold_in(key, 2))
-        run_head("cnn_head", cnn, params, splits, test, None, jax.random.fold_in(key, 13))
+        run_head("cnn_head", lambda lam: tail_setup(cnn, params, splits.train, test, (), None, splits.num_classes, lam),
+                 jax.random.fold_in(key, 13))
 
     out["seconds"] = time.perf_counter() - t_start
     path = write_result(args.out, out)

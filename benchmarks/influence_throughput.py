@@ -80,6 +80,7 @@ import optax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, median, write_result  # noqa: E402
+from benchmarks.torch_reference import config_name, torch_available  # noqa: E402
 from privdebias_jax.data import Batch, Dataset, biased_mnist, colored_mnist  # noqa: E402
 from privdebias_jax.data.dataset import as_batch  # noqa: E402
 from privdebias_jax.influence import (  # noqa: E402
@@ -144,18 +145,6 @@ QUICK = {
     "sweep_chunks": [16],
     "sweep_rows": 64,
 }
-
-
-def problem_name(model: str, image_size: int) -> str:
-    return f"{model}@{image_size}"
-
-
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
 
 
 def git_commit() -> dict:
@@ -727,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {}
     for model_name, dataset, size in problems:
-        name = problem_name(model_name, size)
+        name = config_name(model_name, size)
         print(f"[influence_throughput] {name} ...", file=sys.stderr, flush=True)
         load0 = os.getloadavg()
         results[name] = bench_problem(model_name, dataset, size, settings, with_torch)

@@ -266,6 +266,26 @@ def _per_example_flat_grads(loss_fn, selected, frozen, batch, model_state):
     return jax.vmap(one)(batch)
 
 
+def _fixed_chunks(data: Dataset | Batch, chunk_size: int, what: str) -> Iterator[tuple[tuple[int, int], Batch]]:
+    """``((start, stop), chunk)`` over ``data`` in chunks of one fixed size (at most ``len(data)``),
+    the last one padded by wrapping around to the first rows, so a jitted function of a chunk
+    compiles once; the caller keeps rows ``[: stop − start]``.
+
+    Raises:
+      PrivDebiasError: an empty ``data`` (``what`` names the computation).
+    """
+    b = as_batch(data) if isinstance(data, Dataset) else data
+    n = int(np.shape(b.y)[0])
+    if n == 0:
+        raise PrivDebiasError(f"{what} of an empty set")
+    cs = max(1, min(int(chunk_size), n))
+    host = [np.asarray(v) for v in b]
+    for start in range(0, n, cs):
+        stop = min(start + cs, n)
+        rows = np.arange(start, start + cs) % n if stop - start < cs else np.arange(start, stop)
+        yield (start, stop), Batch(*(jnp.asarray(v[rows]) for v in host))
+
+
 def iterate_per_example_grads(
     problem: CurvatureProblem,
     data: Dataset | Batch,
@@ -278,16 +298,8 @@ def iterate_per_example_grads(
     cross-entropy: the example's own loss). Chunks have a fixed size (the last one padded
     and cut), so the vmapped gradient compiles once; memory is ``chunk_size × P``.
     """
-    b = as_batch(data) if isinstance(data, Dataset) else data
-    n = int(np.shape(b.y)[0])
-    if n == 0:
-        raise PrivDebiasError("per-example gradients of an empty set")
-    cs = max(1, min(int(chunk_size), n))
     sel = problem.selected if selected is None else selected
-    for start in range(0, n, cs):
-        stop = min(start + cs, n)
-        rows = np.arange(start, start + cs) % n if stop - start < cs else np.arange(start, stop)
-        chunk = Batch(*(jnp.asarray(np.asarray(v)[rows]) for v in b))
+    for (start, stop), chunk in _fixed_chunks(data, chunk_size, "per-example gradients"):
         weight = chunk.mask
         chunk = chunk._replace(mask=jnp.ones_like(chunk.mask))
         g = _per_example_flat_grads(problem.loss_fn, sel, problem.frozen, chunk, problem.model_state)
@@ -341,10 +353,6 @@ def per_example_products(
     Raises:
       PrivDebiasError: an empty ``data`` or ``vectors`` whose first axis is not ``P``.
     """
-    b = as_batch(data) if isinstance(data, Dataset) else data
-    n = int(np.shape(b.y)[0])
-    if n == 0:
-        raise PrivDebiasError("per-example products of an empty set")
     mat = jnp.asarray(vectors)
     single = mat.ndim == 1
     mat = mat[:, None] if single else mat
@@ -352,13 +360,8 @@ def per_example_products(
         raise PrivDebiasError(f"vectors have shape {tuple(np.shape(vectors))}; expected ({problem.num_params}, T)")
     unravel = ravel_pytree(problem.selected)[1]
     tree = jax.vmap(unravel, in_axes=1, out_axes=-1)(mat)  # leaves shaped like selected, trailing T
-    cs = max(1, min(int(chunk_size), n))
-    host = [np.asarray(v) for v in b]
-    out = np.zeros((n, mat.shape[1]), np.float64)
-    for start in range(0, n, cs):
-        stop = min(start + cs, n)
-        rows = np.arange(start, start + cs) % n if stop - start < cs else np.arange(start, stop)
-        chunk = Batch(*(jnp.asarray(v[rows]) for v in host))
+    out = np.zeros((int(np.shape(data.y)[0]), mat.shape[1]), np.float64)
+    for (start, stop), chunk in _fixed_chunks(data, chunk_size, "per-example products"):
         res = _per_example_dots(problem.loss_fn, problem.selected, problem.frozen, chunk, problem.model_state, tree)
         out[start:stop] = np.asarray(res, np.float64)[: stop - start]
     return out[:, 0] if single else out

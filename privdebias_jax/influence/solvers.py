@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -171,8 +172,6 @@ def _available_bytes() -> int:
     except OSError:
         pass
     try:
-        import os
-
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 2**63 - 1
@@ -200,10 +199,11 @@ def check_dense_fits(num_params: int, what: str = "exact", available: int | None
     return need
 
 
-def dense_curvature(problem: CurvatureProblem) -> jax.Array:
+def dense_curvature(problem: CurvatureProblem, what: str = "dense curvature") -> jax.Array:
     """The undamped curvature matrix ``(P, P)`` of the problem (Hessian, Gauss-Newton or empirical
-    Fisher). Its memory is checked first (:func:`check_dense_fits`)."""
-    check_dense_fits(problem.num_params, "dense curvature")
+    Fisher). Its memory is checked first (:func:`check_dense_fits`; ``what`` names the caller in
+    its message)."""
+    check_dense_fits(problem.num_params, what)
     if problem.curvature == "hessian":
         return _dense_restricted_hessian(problem.loss_fn, problem.selected, problem.frozen, problem.batch,
                                          problem.model_state)
@@ -223,8 +223,7 @@ def exact(method: str = "eigh", allow_indefinite: bool = False, residual_tol: fl
 
     def prepare(problem: CurvatureProblem):
         t0 = time.perf_counter()
-        check_dense_fits(problem.num_params, "exact")
-        h = dense_curvature(problem)
+        h = dense_curvature(problem, "exact")
         h = 0.5 * (h + h.T)
         lam = problem.damping
         if method == "cholesky":
